@@ -1,0 +1,33 @@
+"""The ``lit-rlhf`` command: LightningCLI over ``PPOModule`` and ``PromptDataModule``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.module import PPOModule
+
+
+class PPOCLI(LightningCLI):
+    """``lit-rlhf fit --config recipe.yaml``; the data module's tokenizer follows the policy."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.policy.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    PPOCLI(
+        PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Prompt data: local jsonl/json/parquet/csv files or a ``datasets`` name, tokenized and left-padded."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lit_rlhf.models import load_tokenizer
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_prompts(path: str, prompt_field: str, split: str) -> list[str]:
+    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset."""
+    import datasets
+
+    extension = os.path.splitext(path)[1].lower()
+    try:
+        if extension in _FILE_FORMATS:
+            if not os.path.isfile(path):
+                raise ValueError(f"data.path={path!r} does not exist (relative paths start at {os.getcwd()!r})")
+            dataset = datasets.load_dataset(_FILE_FORMATS[extension], data_files=path, split="train")
+        elif os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+            dataset = datasets.load_from_disk(path)
+        else:
+            dataset = datasets.load_dataset(path, split=split)
+    except ValueError:
+        raise
+    except Exception as err:  # datasets raises many types for unreachable or malformed sources
+        raise ValueError(
+            f"Could not load prompts from data.path={path!r} (split {split!r}): give a .jsonl/.json/.parquet/.csv "
+            f"file, a folder saved with save_to_disk, or a dataset name reachable from this machine. Cause: {err}"
+        ) from err
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"data.split={split!r} is not in {path!r}; it has {list(dataset)}")
+        dataset = dataset[split]
+    if prompt_field not in dataset.column_names:
+        raise ValueError(
+            f"data.prompt_field={prompt_field!r} is not a column of {path!r}; its columns are {dataset.column_names}"
+        )
+    prompts = [str(p) for p in dataset[prompt_field]]
+    if not prompts:
+        raise ValueError(f"data.path={path!r} holds no prompts: the data set is empty")
+    return prompts
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into ``(input_ids, attention_mask)``, padded on the left."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            attention_mask[row, width - len(tokens) :] = 1
+    return input_ids, attention_mask
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Batches of tokenized, left-padded prompts; one batch is one PPO iteration's rollout."""
+
+    def __init__(
+        self,
+        path: str,
+        prompt_field: str = "prompt",
+        split: str = "train",
+        batch_size: int = 16,
+        max_prompt_length: int = 128,
+        truncate_prompts: bool = False,
+        apply_chat_template: bool = False,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        tokenizer: Optional[str] = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            path: A .jsonl/.json/.parquet/.csv file, a folder saved with ``save_to_disk``, or a dataset name.
+            prompt_field: Column that holds the prompt text.
+            split: Split to read from a dataset with several.
+            batch_size: Prompts per PPO iteration (per device).
+            max_prompt_length: Longest prompt in tokens; longer prompts are an error unless truncated.
+            truncate_prompts: Keep the last ``max_prompt_length`` tokens of longer prompts instead of failing.
+            apply_chat_template: Wrap each prompt as a user turn with the tokenizer's chat template.
+            shuffle: Shuffle prompts each epoch.
+            num_workers: DataLoader worker processes.
+            tokenizer: Tokenizer to use; the CLI sets it to the policy's ``model_name_or_path``.
+            trust_remote_code: Allow the tokenizer's own code to run.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be at least 1, got {max_prompt_length}")
+        self.save_hyperparameters()
+        self.examples: list[dict[str, Any]] = []
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.examples:
+            return
+        hp = self.hparams
+        if hp.tokenizer is None:
+            raise ValueError("data.tokenizer is not set: give the policy's model_name_or_path")
+        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
+        self.pad_token_id = tokenizer.pad_token_id
+        prompts = load_prompts(hp.path, hp.prompt_field, hp.split)
+        if len(prompts) < hp.batch_size:
+            raise ValueError(
+                f"data.path={hp.path!r} has {len(prompts)} prompts, fewer than data.batch_size={hp.batch_size}: "
+                "lower the batch size or add prompts"
+            )
+        if hp.apply_chat_template:
+            if tokenizer.chat_template is None:
+                raise ValueError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+        else:
+            texts = prompts
+        encoded = tokenizer(texts, add_special_tokens=not hp.apply_chat_template)["input_ids"]
+        for prompt, ids in zip(prompts, encoded):
+            if len(ids) > hp.max_prompt_length:
+                if not hp.truncate_prompts:
+                    raise ValueError(
+                        f"A prompt has {len(ids)} tokens, more than data.max_prompt_length={hp.max_prompt_length}: "
+                        f"raise max_prompt_length or set data.truncate_prompts=true. Prompt: {prompt[:80]!r}"
+                    )
+                ids = ids[-hp.max_prompt_length :]
+            if not ids:
+                raise ValueError(f"A prompt tokenizes to no tokens: {prompt!r}; remove empty prompts from the data")
+            self.examples.append({"prompt": prompt, "input_ids": ids})
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, attention_mask = left_pad([e["input_ids"] for e in examples], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompts": [e["prompt"] for e in examples]}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.examples, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle, drop_last=True,
+            collate_fn=self.collate, num_workers=self.hparams.num_workers,
+        )

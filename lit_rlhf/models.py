@@ -1,0 +1,289 @@
+"""The models of a PPO run: LoRA policy with a value head, the reference, and the reward.
+
+The policy's value head sits on the same backbone as its LM head, so one forward pass yields both the
+response log-probs and the values. The reference is, by default, the same backbone with its LoRA
+adapter disabled, so no second copy of the weights is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_rlhf.tiny import resolve_model_path
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class PolicyConfig:
+    """The trained policy: a causal LM with a LoRA adapter and a value head."""
+
+    model_name_or_path: str = "builtin:tiny-llama"
+    """Hugging Face hub id, local checkpoint folder, or ``builtin:tiny-<arch>`` (built offline)."""
+    dtype: DType = "float32"
+    """Dtype of the frozen base weights; LoRA and value-head weights stay float32."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own modelling code to run (only for checkpoints you trust)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input; only active when ``ppo.disable_dropout`` is false."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names to adapt; None adapts every linear layer except the LM head (``all-linear``)."""
+    value_head_init_std: float = 0.0
+    """Std of the value head's normal init; 0 starts it at zero (values 0 before any update)."""
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer for left-padded generation, falling back to EOS as pad token (with a warning)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load a tokenizer from {name_or_path!r} (model_name_or_path): give an existing local "
+            f"folder with tokenizer files, a hub id reachable from this machine, or 'builtin:tiny-llama'. "
+            f"Cause: {err}"
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer of {name_or_path!r} has neither a pad nor an EOS token: add a pad token to "
+                "the tokenizer (tokenizer.add_special_tokens) and save it next to the model."
+            )
+        warnings.warn(
+            f"The tokenizer of {name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r} "
+            "as pad. Masks come from the first stop token, so this is safe.",
+            stacklevel=2,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> PreTrainedModel:
+    path = resolve_model_path(name_or_path)
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        hint = "" if os.path.isdir(path) else " (no such local folder)"
+        raise ValueError(
+            f"Could not load {field_name}={name_or_path!r}{hint}: give a local checkpoint folder, a hub id "
+            f"reachable from this machine, or a built-in name such as 'builtin:tiny-llama'. Cause: {err}"
+        ) from err
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, field_name: str = "model"
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error for paths that do not load."""
+    return _load_pretrained(
+        AutoModelForCausalLM, name_or_path, field_name,
+        dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+    )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn off gradients and dropout for a model that is never trained."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a (possibly peft-wrapped) causal LM into its transformer backbone and LM head."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model.base_model, model.get_output_embeddings()
+
+
+def position_ids_from(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log softmax(logits)[tokens]`` in float32, without materializing the full log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+class ResponseOutput(NamedTuple):
+    """Per-response-token outputs of a forward pass, each ``[batch, response_len]``."""
+
+    logprobs: Tensor
+    values: Optional[Tensor]
+    entropy: Optional[Tensor]
+
+
+def response_forward(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    context_length: int,
+    temperature: float,
+    value_head: Optional[nn.Module] = None,
+    with_entropy: bool = False,
+) -> ResponseOutput:
+    """Log-probs (of ``logits / temperature``), values and entropy of the tokens after the prompt.
+
+    The LM head runs on the response positions only, and the value head on the same hidden states.
+    """
+    backbone, lm_head = backbone_and_head(model)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state[:, context_length - 1 : -1]
+    logits = lm_head(hidden) / temperature
+    responses = input_ids[:, context_length:]
+    logprobs = token_logprobs(logits, responses)
+    values = None
+    if value_head is not None:
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+    entropy = None
+    if with_entropy:
+        from lit_rlhf.ppo import entropy_from_logits
+
+        entropy = entropy_from_logits(logits.float())
+    return ResponseOutput(logprobs, values, entropy)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A LoRA-adapted causal LM plus a scalar value head on its last hidden state."""
+
+    def __init__(self, model: PeftModel, value_head: nn.Linear) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
+        with_entropy: bool = False,
+    ) -> ResponseOutput:
+        return response_forward(
+            self.model, input_ids, attention_mask, context_length, temperature, self.value_head, with_entropy
+        )
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the frozen base model (the default reference policy) inside this block."""
+        with self.model.disable_adapter():
+            yield
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the adapter in peft format and the value head as ``value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        save_file(state, os.path.join(directory, "value_head.safetensors"))
+
+
+def load_policy(config: PolicyConfig) -> PolicyWithValueHead:
+    """Load the base causal LM, freeze it, add the LoRA adapter and a fresh value head."""
+    if config.lora_r <= 0:
+        raise ValueError("policy.lora_r must be positive: lit-rlhf trains a LoRA adapter on a frozen base model")
+    base = load_causal_lm(
+        config.model_name_or_path, config.dtype, config.trust_remote_code, field_name="policy.model_name_or_path"
+    )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    hidden_size = base.get_output_embeddings().in_features
+    value_head = nn.Linear(hidden_size, 1)
+    if config.value_head_init_std > 0:
+        nn.init.normal_(value_head.weight, std=config.value_head_init_std)
+    else:
+        nn.init.zeros_(value_head.weight)
+    nn.init.zeros_(value_head.bias)
+    return PolicyWithValueHead(model, value_head)
+
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+def import_reward_function(spec: str) -> ScoreFn:
+    """Import ``package.module:function`` (the ``reward.function`` field) and check it is callable."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward.function={spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"reward.function={spec!r}: cannot import module {module_name!r} ({err}). Make sure it is "
+            "installed or on PYTHONPATH."
+        ) from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward.function={spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+class SequenceClassifierReward(nn.Module):
+    """A frozen sequence-classification reward model, scored at the last real token of each text.
+
+    When its tokenizer differs from the policy's, completions are decoded to text and re-tokenized.
+    """
+
+    def __init__(
+        self, name_or_path: str, policy_tokenizer: PreTrainedTokenizerBase, label_index: Optional[int] = None,
+        dtype: DType = "float32", trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = freeze(_load_pretrained(
+            AutoModelForSequenceClassification, name_or_path, "reward.model_name_or_path",
+            dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        ))
+        num_labels = self.model.config.num_labels
+        if label_index is None:
+            if num_labels != 1:
+                raise ValueError(
+                    f"reward.model_name_or_path={name_or_path!r} has {num_labels} labels: set reward.label_index "
+                    "to the label whose logit is the reward"
+                )
+            label_index = 0
+        if not 0 <= label_index < num_labels:
+            raise ValueError(f"reward.label_index={label_index} is out of range for {num_labels} labels")
+        self.label_index = label_index
+        self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+        self.tokenizer.padding_side = "right"
+        self.shares_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scores ``[batch]`` for full texts, given also as policy token ids (used when tokenizers match)."""
+        if not self.shares_tokenizer:
+            encoded = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+            input_ids = encoded["input_ids"].to(input_ids.device)
+            attention_mask = encoded["attention_mask"].to(input_ids.device)
+        score_head = getattr(self.model, "score", None)
+        if score_head is None:  # encoder classifiers pool on their own first token
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        else:
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from(attention_mask), use_cache=False,
+            ).last_hidden_state
+            last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+            logits = score_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return logits[:, self.label_index].float()

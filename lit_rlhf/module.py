@@ -1,0 +1,450 @@
+"""``PPOModule``: one ``training_step`` is one PPO iteration (rollout, rewards, advantages, PPO epochs)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_rlhf import ppo as ppo_math
+from lit_rlhf.models import (
+    DType, PolicyConfig, SequenceClassifierReward, freeze, import_reward_function, load_causal_lm, load_policy,
+    load_tokenizer, response_forward,
+)
+from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, trim_padding
+
+
+@dataclass
+class RewardConfig:
+    """Where scores come from: a sequence-classification model or a Python function (exactly one)."""
+
+    model_name_or_path: Optional[str] = None
+    """A sequence-classification checkpoint (hub id, local folder or ``builtin:tiny-<arch>-classifier``)."""
+    function: Optional[str] = None
+    """``package.module:function`` taking ``(prompts, completions)`` and returning one score each."""
+    label_index: Optional[int] = None
+    """Which logit is the reward, for classifiers with more than one label."""
+    dtype: DType = "float32"
+    """Dtype of the reward model's weights."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of every response that never emitted the stop token."""
+    clip: Optional[float] = None
+    """Clip scores to ``[-clip, clip]``."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters; defaults follow TRL's so that results compare."""
+
+    ppo_epochs: int = 4
+    """Optimization passes over each rollout."""
+    num_minibatches: int = 1
+    """Minibatches per pass; must divide the batch size. One optimizer step per minibatch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch whose gradients are accumulated before the step."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Clip range of the importance ratio."""
+    clip_range_value: float = 0.2
+    """Clip range of the value update."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (0 turns it off)."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty against the reference."""
+    kl_estimator: ppo_math.KLEstimator = "k1"
+    """KL estimator: k1 (log ratio), k2 or k3."""
+    adaptive_kl: bool = False
+    """Adapt the KL coefficient towards ``kl_target`` (Ziegler et al.)."""
+    kl_target: float = 6.0
+    """Target sequence KL of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    whiten_advantages: bool = True
+    """Normalize advantages over each rollout."""
+    whiten_rewards: bool = False
+    """Normalize rewards (without shifting the mean) before GAE."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the gradient norm to this value; None turns clipping off."""
+    target_kl: Optional[float] = None
+    """Stop the PPO epochs of an iteration early once the mean approx KL exceeds this."""
+    disable_dropout: bool = True
+    """Keep dropout off in PPO passes too (rollouts never use it)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW on the LoRA and value-head weights, with an optional warm-up and decay."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-5
+    """Adam epsilon (1e-5, as in the published PPO implementations)."""
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay of the learning rate to 0 over the run (per optimizer step)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+
+
+@dataclass
+class Rollout:
+    """One batch of experience; per-token tensors are ``[batch, response_len]``."""
+
+    query_responses: Tensor
+    attention_mask: Tensor
+    context_length: int
+    mask: Tensor
+    logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    stats: dict[str, Tensor]
+    prompts: list[str]
+    completions: list[str]
+    scores: Tensor
+
+
+class PPOModule(L.LightningModule):
+    """PPO for a LoRA policy with a value head, against a frozen reference and a reward."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig = PolicyConfig(),
+        reward: RewardConfig = RewardConfig(),
+        reference_model: Optional[str] = None,
+        generation: SamplingConfig = SamplingConfig(),
+        ppo: PPOConfig = PPOConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+    ) -> None:
+        """
+        Args:
+            policy: The trained causal LM, its LoRA adapter and value head.
+            reward: The reward model or function.
+            reference_model: A separate frozen reference checkpoint; None uses the policy with its adapter off.
+            generation: Sampling settings of the rollouts.
+            ppo: PPO hyper-parameters.
+            optimizer: Optimizer and learning-rate schedule.
+        """
+        super().__init__()
+        if (reward.model_name_or_path is None) == (reward.function is None):
+            raise ValueError("Set exactly one of reward.model_name_or_path and reward.function")
+        if ppo.num_minibatches < 1 or ppo.gradient_accumulation_steps < 1 or ppo.ppo_epochs < 1:
+            raise ValueError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
+        if generation.temperature <= 0:
+            raise ValueError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
+        self.save_hyperparameters()
+        # The typed configs; ``self.hparams`` holds the same values, possibly as plain dicts (LightningCLI).
+        self.policy_config, self.reward_config, self.reference_model_path = policy, reward, reference_model
+        self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
+        self.policy = None
+        if ppo.adaptive_kl:
+            self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+        else:
+            self.kl_controller = ppo_math.FixedKLController(ppo.kl_coef)
+
+    # ----------------------------------------------------------------------------------------------
+    # Set-up
+    def configure_model(self) -> None:
+        """Load the tokenizer, policy, reference and reward (once; Lightning may call this again)."""
+        if self.policy is not None:
+            return
+        policy_cfg, reward_cfg = self.policy_config, self.reward_config
+        self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+        self.policy = load_policy(policy_cfg)
+        vocab_size = self.policy.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer of policy.model_name_or_path has {len(self.tokenizer)} tokens but the model's "
+                f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
+            )
+        self.reference = None
+        if self.reference_model_path is not None:
+            self.reference = freeze(load_causal_lm(
+                self.reference_model_path, policy_cfg.dtype, policy_cfg.trust_remote_code, field_name="reference_model"
+            ))
+        self.reward_model, self.reward_function = None, None
+        if reward_cfg.model_name_or_path is not None:
+            self.reward_model = SequenceClassifierReward(
+                reward_cfg.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
+                policy_cfg.trust_remote_code,
+            )
+        else:
+            self.reward_function = import_reward_function(reward_cfg.function)
+        stop = self.sampling.stop_token
+        if stop is None:
+            self.stop_token_id = self.tokenizer.eos_token_id
+        else:
+            self.stop_token_id = self.tokenizer.convert_tokens_to_ids(stop)
+            if self.stop_token_id is None or self.stop_token_id == self.tokenizer.unk_token_id:
+                raise ValueError(f"generation.stop_token={stop!r} is not a token of the policy's tokenizer")
+        if self.stop_token_id is None:
+            raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_token")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optimizer_config
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        total = max(self._total_optimizer_steps(), 1)
+
+        def lr_factor(step: int) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+            if cfg.scheduler == "linear":
+                return 1.0 - progress
+            if cfg.scheduler == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_optimizer_steps(self) -> int:
+        """Optimizer steps in the run: ``trainer.max_steps`` counts them; epochs count iterations."""
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return trainer.max_steps
+        steps_per_iteration = self.ppo_config.ppo_epochs * self.ppo_config.num_minibatches
+        return int(trainer.estimated_stepping_batches) * steps_per_iteration
+
+    # ----------------------------------------------------------------------------------------------
+    # One PPO iteration
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.make_rollout(batch)
+        rollout_seconds = time.perf_counter() - start
+        train_stats = self.ppo_update(rollout)
+        train_seconds = time.perf_counter() - start - rollout_seconds
+        self.kl_controller.update(float(rollout.stats["objective/kl"]), n_steps=rollout.mask.shape[0])
+        num_tokens = float(rollout.mask.sum())
+        self.log_metrics({
+            **rollout.stats,
+            **train_stats,
+            "kl_coef": self.kl_controller.value,
+            "lr": self.optimizers().param_groups[0]["lr"],
+            "perf/rollout_sec": rollout_seconds,
+            "perf/train_sec": train_seconds,
+            "perf/tokens_per_sec": num_tokens / max(rollout_seconds, 1e-9),
+            "perf/peak_memory_gb": peak_memory_gb(self.device),
+        }, batch_size=rollout.mask.shape[0])
+
+    @torch.no_grad()
+    def make_rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Sample responses, score them, and compute KL-penalized rewards and GAE advantages."""
+        sampling, ppo_cfg, reward_cfg = self.sampling, self.ppo_config, self.reward_config
+        self.policy.eval()
+        queries, query_mask = batch["input_ids"], batch["attention_mask"]
+        context_length = queries.shape[1]
+        self._check_sequence_length(context_length)
+        responses = sample_responses(
+            self.policy.model, queries, query_mask, sampling, self.stop_token_id, self.tokenizer.pad_token_id
+        )
+        mask = response_mask(responses, self.stop_token_id)
+        query_responses = torch.cat([queries, responses], dim=1)
+        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+        out = self.policy(query_responses, attention_mask, context_length, sampling.temperature, with_entropy=True)
+        ref_logprobs = self.reference_logprobs(query_responses, attention_mask, context_length)
+
+        lengths = mask.sum(1).long()
+        completions = [
+            self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths.tolist())
+        ]
+        has_stop = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.stop_token_id
+        scores = self.score(batch["prompts"], completions, query_responses, attention_mask)
+        if reward_cfg.missing_eos_penalty is not None:
+            scores = scores - reward_cfg.missing_eos_penalty * (~has_stop).float()
+        if reward_cfg.clip is not None:
+            scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
+
+        rewards, kl = ppo_math.compute_rewards(
+            scores, out.logprobs, ref_logprobs, mask, self.kl_controller.value, ppo_cfg.kl_estimator
+        )
+        if ppo_cfg.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo_math.compute_gae(rewards, out.values * mask, mask, ppo_cfg.gamma, ppo_cfg.lam)
+        if ppo_cfg.whiten_advantages:
+            advantages = ppo_math.masked_whiten(advantages, mask)
+
+        sequence_kl = kl.sum(1).mean()
+        non_score_reward = (-self.kl_controller.value * kl).sum(1).mean()
+        stats = {
+            "objective/kl": sequence_kl,
+            "objective/entropy": (out.entropy * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward,
+            "objective/rlhf_reward": scores.mean() + non_score_reward,
+            "objective/scores": scores.mean(),
+            "val/num_eos_tokens": has_stop.float().sum(),
+            "val/response_length": lengths.float().mean(),
+        }
+        return Rollout(
+            query_responses, attention_mask, context_length, mask, out.logprobs, out.values * mask, advantages,
+            returns, stats, list(batch["prompts"]), completions, scores,
+        )
+
+    def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
+        """Log-probs of the responses under the reference: the separate model, or the adapter-free policy."""
+        temperature = self.sampling.temperature
+        if self.reference is not None:
+            return response_forward(self.reference, input_ids, attention_mask, context_length, temperature).logprobs
+        with self.policy.adapter_disabled():
+            return response_forward(self.policy.model, input_ids, attention_mask, context_length, temperature).logprobs
+
+    def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """One finite score per completion, from the reward model or the reward function."""
+        if self.reward_model is not None:
+            texts = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, attention_mask)]
+            scores = self.reward_model(texts, input_ids, attention_mask)
+            source = f"reward.model_name_or_path={self.reward_config.model_name_or_path!r}"
+        else:
+            raw = self.reward_function(prompts, completions)
+            source = f"reward.function={self.reward_config.function!r}"
+            try:
+                scores = torch.as_tensor(raw, dtype=torch.float32).flatten()
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{source} must return a sequence of numbers, got {type(raw).__name__}") from err
+            if scores.numel() != len(completions):
+                raise ValueError(f"{source} returned {scores.numel()} scores for {len(completions)} completions")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{source} returned non-finite scores (NaN or inf): {scores.tolist()}")
+        return scores.to(self.device, torch.float32)
+
+    def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
+        """``ppo_epochs`` passes of shuffled minibatches over the rollout, one optimizer step each."""
+        hp = self.ppo_config
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.policy.train(not hp.disable_dropout)
+        batch_size = rollout.mask.shape[0]
+        minibatch_size, micro_size = self._minibatch_sizes(batch_size)
+        history: dict[str, list[Tensor]] = defaultdict(list)
+        for _ in range(hp.ppo_epochs):
+            epoch_approx_kl = []
+            order = torch.randperm(batch_size, device=rollout.mask.device)
+            for minibatch in order.split(minibatch_size):
+                for micro in minibatch.split(micro_size):
+                    loss, stats = self.ppo_loss(rollout, micro)
+                    self.manual_backward(loss / hp.gradient_accumulation_steps)
+                    for name, value in stats.items():
+                        history[name].append(value)
+                    epoch_approx_kl.append(stats["policy/approxkl_avg"])
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            if hp.target_kl is not None and torch.stack(epoch_approx_kl).mean() > hp.target_kl:
+                break
+        self.policy.eval()
+        return {name: torch.stack(values).mean() for name, values in history.items()}
+
+    def ppo_loss(self, rollout: Rollout, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss + ``vf_coef`` * clipped value loss (- entropy bonus) on rows ``index``."""
+        hp = self.ppo_config
+        input_ids, attention_mask, context_length = trim_padding(
+            rollout.query_responses[index], rollout.attention_mask[index], rollout.context_length
+        )
+        response_len = input_ids.shape[1] - context_length
+        mask = rollout.mask[index, :response_len]
+        out = self.policy(
+            input_ids, attention_mask, context_length, self.sampling.temperature, with_entropy=True
+        )
+        pg_loss, pg_stats = ppo_math.policy_loss(
+            out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len], mask,
+            hp.clip_range,
+        )
+        vf_loss, vf_stats = ppo_math.value_loss(
+            out.values, rollout.values[index, :response_len], rollout.returns[index, :response_len], mask,
+            hp.clip_range_value,
+        )
+        entropy = ppo_math.masked_mean(out.entropy, mask)
+        loss = pg_loss + hp.vf_coef * vf_loss - hp.ent_coef * entropy
+        stats = {
+            "policy/approxkl_avg": pg_stats["approx_kl"],
+            "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf_stats["clipfrac"],
+            "policy/entropy_avg": entropy.detach(),
+            "val/ratio": pg_stats["ratio"],
+        }
+        return loss, stats
+
+    # ----------------------------------------------------------------------------------------------
+    # Checks, logging, state
+    def _minibatch_sizes(self, batch_size: int) -> tuple[int, int]:
+        hp = self.ppo_config
+        per_step = hp.num_minibatches * hp.gradient_accumulation_steps
+        if batch_size % per_step:
+            raise ValueError(
+                f"data.batch_size={batch_size} is not divisible by ppo.num_minibatches={hp.num_minibatches} x "
+                f"ppo.gradient_accumulation_steps={hp.gradient_accumulation_steps}: choose values that divide it"
+            )
+        minibatch_size = batch_size // hp.num_minibatches
+        return minibatch_size, minibatch_size // hp.gradient_accumulation_steps
+
+    def _check_sequence_length(self, context_length: int) -> None:
+        limit = getattr(self.policy.model.config, "max_position_embeddings", None)
+        total = context_length + self.sampling.max_new_tokens
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"Prompt length {context_length} + generation.max_new_tokens={self.sampling.max_new_tokens}"
+                f" = {total} exceeds the model's context of {limit} tokens: lower data.max_prompt_length or "
+                "generation.max_new_tokens"
+            )
+
+    def log_metrics(self, metrics: dict[str, Any], batch_size: int) -> None:
+        """Log every metric; the progress bar shows the score and the KL."""
+        progress = {"objective/scores": "score", "objective/kl": "kl"}
+        for name, value in metrics.items():
+            self.log(name, float(value), batch_size=batch_size, prog_bar=False)
+            if name in progress:
+                self.log(progress[name], float(value), batch_size=batch_size, prog_bar=True, logger=False)
+
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if batch_size is not None:
+            self._minibatch_sizes(batch_size)  # fail before the first rollout, not after it
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The weights that PPO trains (LoRA and value head), as in ``state_dict()``."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "kl_controller" in checkpoint:
+            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+    def on_train_end(self) -> None:
+        """Write the trained adapter (peft format) and value head next to the logs."""
+        if self.trainer.is_global_zero:
+            directory = f"{self.trainer.log_dir or self.trainer.default_root_dir}/policy"
+            self.policy.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory on GPU, else peak resident memory of this process, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux

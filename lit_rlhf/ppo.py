@@ -1,0 +1,178 @@
+"""Pure PPO maths for RLHF: masked statistics, KL estimators, rewards, GAE, losses, KL controllers.
+
+No Lightning and no models here: every function takes tensors and returns tensors, so each can be
+checked against hand-computed values. Per-token tensors are ``[batch, response_len]`` and ``mask`` is 1
+for real response tokens (up to and including the stop token) and 0 after it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (all of them when ``dim`` is None)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries of ``x``, Bessel-corrected when ``unbiased``."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count < 2:
+            raise ValueError("masked_var needs at least two unmasked entries for an unbiased variance")
+        var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalize the masked entries to unit variance (and zero mean when ``shift_mean``).
+
+    Masked-out positions of the result are 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman's k1, k2, k3)."""
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) - 1 + d
+    raise ValueError(f"Unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index of the last position where ``mask`` is 1, per row (``[batch]``)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.long()).argmax(dim=1)
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "k1",
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards: ``-kl_coef * KL`` everywhere, plus the sequence score on the last real token.
+
+    Returns ``(rewards, kl)``, both ``[batch, response_len]`` and 0 where ``mask`` is 0.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_valid_index(mask)] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation, the episode ending after the last real token.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with V and A
+    beyond the last real token counted as 0. Returns ``(advantages, returns)`` with
+    ``returns = advantages + values``; both are 0 where ``mask`` is 0.
+    """
+    mask = mask.to(values.dtype)
+    # Whether step t+1 still belongs to the episode; the step after the last column never does.
+    continues = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * continues
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + gamma * lam * running * continues[:, t]
+        advantages[:, t] = running
+    advantages = advantages * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped importance-ratio surrogate loss (to minimize), token-level mean over the mask.
+
+    ``stats`` holds ``clipfrac`` (share of tokens where clipping binds), ``approx_kl``
+    (``0.5 * E[(log r)^2]``) and ``ratio`` (mean importance ratio).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``0.5 * E[max((V - R)^2, (V_clip - R)^2)]`` with ``stats['clipfrac']``."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution given by ``logits`` over the last dimension."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class FixedKLController:
+    """A KL coefficient that never changes."""
+
+    def __init__(self, coef: float) -> None:
+        self.value = coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Keep the coefficient as it is."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Proportional controller steering the KL towards ``target`` (Ziegler et al., 2019)."""
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        super().__init__(init_coef)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Move the coefficient by ``clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

@@ -1,0 +1,137 @@
+"""Tiny, randomly initialized Hugging Face checkpoints built locally, for offline runs and tests.
+
+``builtin:tiny-<arch>`` (a causal LM) and ``builtin:tiny-<arch>-classifier`` (a one-label sequence
+classifier) name checkpoints that are built from a config on first use, saved with ``save_pretrained``
+into a cache folder and then loaded like any other local checkpoint with ``from_pretrained``. Their
+word-level tokenizer is built from the vocabulary below, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import PreTrainedTokenizerFast
+
+from lit_rlhf.rewards import NEGATIVE_WORDS, POSITIVE_WORDS
+
+BUILTIN_PREFIX = "builtin:"
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+NEUTRAL_WORDS = (
+    "the a an this that it is was be are were has had have and or but so then very really quite "
+    "movie film book song meal food place trip day night story show game plot actor music scene "
+    "i you we they he she my your our their me us them of to in on at for with about from by as "
+    "not just also still even more most some any every one two three first last next other "
+    "made felt looked seemed sounded tasted went came saw heard read watched played ate said "
+    "thought found gave took got kept left put ran set told tried used worked wrote "
+    "time year way thing people man woman child world life hand part place case week point "
+    "home room house city street car road train bus plane hotel table chair door window "
+    "water coffee tea bread cake pizza soup salad rice fish meat fruit "
+    "morning evening weekend summer winter spring autumn today tomorrow yesterday "
+    "there here when where why how what who which while after before during until "
+    "end start middle side top bottom front back inside outside"
+).split()
+# Tiny backbones per architecture: small enough that a PPO step takes milliseconds on a CPU.
+_TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_ARCH_OVERRIDES = {
+    "llama": dict(num_key_value_heads=2),
+    "qwen2": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=2, sliding_window=None),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256),
+}
+# A larger init than the usual 0.02 gives peaked, LM-like next-token distributions that LoRA can reshape.
+INIT_STD = 0.2
+_BUILD_VERSION = "v2"  # bump when the builder changes, so stale cached checkpoints are rebuilt
+
+
+def vocabulary() -> list[str]:
+    """The tiny tokenizer's words: special tokens, neutral words, then the sentiment lexicon."""
+    words = list(SPECIAL_TOKENS)
+    for word in NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS:
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def build_word_tokenizer(pad_token: Optional[str] = "<pad>") -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over :func:`vocabulary`, with a trivial chat template."""
+    words = vocabulary()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", pad_token=pad_token
+    )
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def tiny_config(arch: str, num_labels: Optional[int] = None):
+    """A ``transformers`` config of a tiny ``arch`` model sized for the word tokenizer."""
+    if arch not in _ARCH_OVERRIDES:
+        raise ValueError(f"No tiny builder for architecture {arch!r}; choose one of {sorted(_ARCH_OVERRIDES)}")
+    sizes = {} if arch == "gpt2" else dict(_TINY_SIZES, max_position_embeddings=256)
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(vocabulary()),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+        initializer_range=INIT_STD,
+        **sizes,
+        **_ARCH_OVERRIDES[arch],
+    )
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return config
+
+
+def save_tiny_checkpoint(
+    path: str | os.PathLike, arch: str = "llama", classifier: bool = False, seed: int = 0,
+    num_labels: int = 1, pad_token: Optional[str] = "<pad>",
+) -> Path:
+    """Build a tiny random ``arch`` model (causal LM or classifier) and its tokenizer; save both."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    if classifier:
+        model = AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.save_pretrained(path)
+    build_word_tokenizer(pad_token=pad_token).save_pretrained(path)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where built-in checkpoints are kept: ``$LIT_RLHF_CACHE`` or ``~/.cache/lit_rlhf``."""
+    return Path(os.environ.get("LIT_RLHF_CACHE", Path.home() / ".cache" / "lit_rlhf"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a loadable path: built-in names are built (once, atomically) into the cache folder."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or parts[0] != "tiny" or (len(parts) == 3 and parts[2] != "classifier"):
+        raise ValueError(
+            f"Unknown built-in model {name_or_path!r}: use 'builtin:tiny-<arch>' or "
+            f"'builtin:tiny-<arch>-classifier' with arch in {sorted(_ARCH_OVERRIDES)}"
+        )
+    target = cache_dir() / f"{name}-{_BUILD_VERSION}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        save_tiny_checkpoint(staging, arch=parts[1], classifier=len(parts) == 3)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; its checkpoint is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
