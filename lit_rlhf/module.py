@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -19,6 +20,9 @@ from lit_rlhf.models import (
     load_tokenizer, response_forward,
 )
 from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, trim_padding
+
+# Frozen models and the policy are kept in eval mode on purpose: dropout stays off in rollouts and PPO passes.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 @dataclass

@@ -1,0 +1,154 @@
+"""Every function of ``lit_rlhf.ppo`` against values computed by hand or by an independent loop."""
+
+import math
+
+import pytest
+import torch
+
+from lit_rlhf import ppo
+
+# Two responses of length 3 and 2; the second is padded after its stop token.
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_masked_mean_over_all_tokens_and_per_row():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    assert ppo.masked_mean(x, MASK).item() == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert ppo.masked_mean(x, MASK, dim=1).tolist() == pytest.approx([2.0, 4.5])
+
+
+def test_masked_var_is_bessel_corrected_and_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1e6]])
+    # entries 1..5: mean 3, squared deviations 4+1+0+1+4 = 10
+    assert ppo.masked_var(x, MASK).item() == pytest.approx(10 / 4)
+    assert ppo.masked_var(x, MASK, unbiased=False).item() == pytest.approx(10 / 5)
+
+
+def test_masked_whiten_zero_mean_unit_variance_and_zero_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1e6]])
+    w = ppo.masked_whiten(x, MASK)
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]) - 3) / math.sqrt(10 / 4 + 1e-8)
+    assert w[MASK.bool()].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert w[1, 2].item() == 0.0
+    kept = ppo.masked_whiten(x, MASK, shift_mean=False)
+    assert kept[MASK.bool()].tolist() == pytest.approx((expected + 3).tolist(), rel=1e-5)
+    assert kept[1, 2].item() == 0.0
+
+
+def test_kl_estimators():
+    logprobs, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    d = math.log(2)
+    assert ppo.kl_penalty(logprobs, ref, "k1").item() == pytest.approx(d)
+    assert ppo.kl_penalty(logprobs, ref, "k2").item() == pytest.approx(0.5 * d**2)
+    assert ppo.kl_penalty(logprobs, ref, "k3").item() == pytest.approx(0.5 - 1 + d)
+    with pytest.raises(ValueError, match="k4"):
+        ppo.kl_penalty(logprobs, ref, "k4")
+
+
+def test_compute_rewards_puts_score_on_last_real_token():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -2.0, -9.0]])
+    ref = torch.tensor([[-1.5, -0.5, -1.0], [-1.0, -1.0, -1.0]])
+    scores = torch.tensor([2.0, -3.0])
+    rewards, kl = ppo.compute_rewards(scores, logprobs, ref, MASK, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -0.5, 0.0], [0.0, -1.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.05, 2.0], [0.0, 0.1 - 3.0, 0.0]]))
+
+
+def _reference_gae(rewards, values, length, gamma, lam):
+    """GAE for one episode of ``length`` steps, written as the textbook sum over future deltas."""
+    adv = []
+    for t in range(length):
+        total = 0.0
+        for k in range(t, length):
+            next_value = values[k + 1] if k + 1 < length else 0.0
+            delta = rewards[k] + gamma * next_value - values[k]
+            total += (gamma * lam) ** (k - t) * delta
+        adv.append(total)
+    return adv
+
+
+def test_compute_gae_by_hand_single_step_episode():
+    rewards = torch.tensor([[1.0, 5.0]])
+    values = torch.tensor([[0.5, 7.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # the episode ends after token 0: A_0 = r_0 - V_0 = 0.5; padding is ignored and zeroed
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 0.0]]))
+
+
+def test_compute_gae_matches_independent_loop_with_padding():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 3), torch.randn(2, 3)
+    adv, ret = ppo.compute_gae(rewards, values, MASK, gamma=0.99, lam=0.9)
+    for row, length in enumerate([3, 2]):
+        expected = _reference_gae(rewards[row].tolist(), values[row].tolist(), length, 0.99, 0.9)
+        assert adv[row, :length].tolist() == pytest.approx(expected, rel=1e-5)
+        assert ret[row, :length].tolist() == pytest.approx(
+            [a + v for a, v in zip(expected, values[row, :length].tolist())], rel=1e-5
+        )
+    assert adv[1, 2].item() == 0.0 and ret[1, 2].item() == 0.0
+
+
+def test_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    # ratios 1.5, 0.5, 1.1 with advantages +1, -1, +2 and padding at the end
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    advantages = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(1.0)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+    assert stats["ratio"].item() == pytest.approx(1.0)
+
+
+def test_policy_loss_unclipped_is_plain_surrogate():
+    logprobs = torch.log(torch.tensor([[1.1, 0.95]]))
+    advantages = torch.tensor([[2.0, 3.0]])
+    loss, stats = ppo.policy_loss(logprobs, torch.zeros(1, 2), advantages, torch.ones(1, 2), clip_range=0.2)
+    assert loss.item() == pytest.approx(-(1.1 * 2 + 0.95 * 3) / 2)
+    assert stats["clipfrac"].item() == 0.0
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0, 3.0]])
+    old_values = torch.tensor([[0.5, 0.0, 0.0]])
+    returns = torch.tensor([[0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.value_loss(values, old_values, returns, mask, clip_range_value=0.2)
+    # token 0: v_clip = 0.7 -> max(1.0, 0.49) = 1.0; token 1: v_clip = 0 -> max(1, 1) = 1
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+    assert stats["clipfrac"].item() == 0.0
+    values = torch.tensor([[0.0, 0.0, 0.0]])
+    old_values = torch.tensor([[1.0, 0.0, 0.0]])
+    loss, stats = ppo.value_loss(values, old_values, returns, mask, clip_range_value=0.2)
+    # token 0: v_clip = 0.8 -> max(0, 0.64) = 0.64, clipped
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_entropy_from_logits():
+    assert ppo.entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
+    assert ppo.entropy_from_logits(torch.tensor([0.0, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fixed_kl_controller():
+    controller = ppo.FixedKLController(0.05)
+    controller.update(100.0, n_steps=64)
+    assert controller.value == 0.05
+
+
+def test_adaptive_kl_controller_update_clip_and_state():
+    controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    controller.update(current_kl=7.2, n_steps=100)  # error = 0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
+    controller.update(current_kl=600.0, n_steps=100)  # error clipped to 0.2
+    assert controller.value == pytest.approx(0.1 * 1.02**2)
+    controller.update(current_kl=0.0, n_steps=100)  # error clipped to -0.2
+    expected = 0.1 * 1.02**2 * 0.98
+    assert controller.value == pytest.approx(expected)
+    restored = ppo.AdaptiveKLController(0.5, target=6.0, horizon=1000)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.value == pytest.approx(expected)
