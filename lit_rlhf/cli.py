@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -23,6 +24,15 @@ class PPOCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    """``lit-rlhf fit ...`` trains (LightningCLI); ``lit-rlhf export ...`` merges a trained adapter."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from jsonargparse import CLI
+
+        from lit_rlhf.export import export_policy
+
+        CLI(export_policy, args=argv[1:], as_positional=False)
+        return
     PPOCLI(
         PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

@@ -19,11 +19,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lit_rlhf.tiny import resolve_model_path
+from lit_rlhf.tiny import BUILTIN_PREFIX, resolve_model_path
 
 DType = Literal["float32", "bfloat16", "float16"]
+Quantization = Optional[Literal["4bit", "8bit"]]
+
+# Default LoRA targets per ``config.model_type``: attention and MLP projections.
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    **{arch: _LLAMA_STYLE for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite")},
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
 
 
 @dataclass
@@ -43,16 +55,24 @@ class PolicyConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA input; only active when ``ppo.disable_dropout`` is false."""
     lora_target_modules: Optional[list[str]] = None
-    """Module names to adapt; None adapts every linear layer except the LM head (``all-linear``)."""
+    """Module names to adapt; None picks the attention and MLP projections of known architectures;
+    ``[all-linear]`` adapts every linear layer except the LM head."""
+    quantization: Quantization = None
+    """Load the frozen base weights in ``4bit`` (nf4, double quantization; QLoRA) or ``8bit`` (bitsandbytes)."""
     value_head_init_std: float = 0.0
     """Std of the value head's normal init; 0 starts it at zero (values 0 before any update)."""
+    value_head_from_reward: bool = False
+    """Initialize the value head from the reward model's score head (hidden sizes must match)."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer for left-padded generation, falling back to EOS as pad token (with a warning)."""
     path = resolve_model_path(name_or_path)
+    # Built-in checkpoints carry a word-level tokenizer; AutoTokenizer would swap in the architecture's own
+    # class for some model types (qwen2), so load it with the class it was saved with.
+    loader = PreTrainedTokenizerFast if name_or_path.startswith(BUILTIN_PREFIX) else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"Could not load a tokenizer from {name_or_path!r} (model_name_or_path): give an existing local "
@@ -87,13 +107,61 @@ def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> 
         ) from err
 
 
+def quantization_kwargs(
+    quantization: Quantization, dtype: DType, field_name: str, device: Optional[torch.device] = None
+) -> dict:
+    """``from_pretrained`` arguments for bitsandbytes 4-bit (nf4, double quantization) or 8-bit weights."""
+    if quantization is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise ValueError(
+            f"{field_name}={quantization!r} needs bitsandbytes: pip install 'bitsandbytes>=0.45', or set it to null"
+        ) from err
+    if device is not None and device.type not in ("cpu", "cuda", "xpu"):
+        raise ValueError(f"{field_name}={quantization!r} is not supported on {device.type}: set it to null")
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+        )
+    elif quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"{field_name}={quantization!r}: use '4bit', '8bit' or null")
+    kwargs = {"quantization_config": config}
+    if device is not None and device.type != "cpu":  # quantize straight onto the training device
+        kwargs["device_map"] = {"": str(device)}
+    return kwargs
+
+
 def load_causal_lm(
-    name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, field_name: str = "model"
+    name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, field_name: str = "model",
+    quantization: Quantization = None, device: Optional[torch.device] = None,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for paths that do not load."""
     return _load_pretrained(
-        AutoModelForCausalLM, name_or_path, field_name,
-        dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        AutoModelForCausalLM, name_or_path, field_name, dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        **quantization_kwargs(quantization, dtype, field_name.rsplit(".", 1)[0] + ".quantization", device),
+    )
+
+
+def default_lora_targets(model: PreTrainedModel) -> list[str]:
+    """The LoRA targets for ``model``'s architecture, or an error listing the module names it has."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in DEFAULT_LORA_TARGETS:
+        return DEFAULT_LORA_TARGETS[model_type]
+    output = model.get_output_embeddings()
+    names = sorted({
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        if module is not output and type(module).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+    })
+    raise ValueError(
+        f"No default LoRA targets for architecture {model_type!r}: set policy.lora_target_modules to some of its "
+        f"linear modules {names}, or to [all-linear]"
     )
 
 
@@ -192,22 +260,27 @@ class PolicyWithValueHead(nn.Module):
         save_file(state, os.path.join(directory, "value_head.safetensors"))
 
 
-def load_policy(config: PolicyConfig) -> PolicyWithValueHead:
-    """Load the base causal LM, freeze it, add the LoRA adapter and a fresh value head."""
+def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> PolicyWithValueHead:
+    """Load the base causal LM (quantized if asked), add the LoRA adapter and a fresh value head."""
     if config.lora_r <= 0:
         raise ValueError("policy.lora_r must be positive: lit-rlhf trains a LoRA adapter on a frozen base model")
     base = load_causal_lm(
-        config.model_name_or_path, config.dtype, config.trust_remote_code, field_name="policy.model_name_or_path"
+        config.model_name_or_path, config.dtype, config.trust_remote_code, field_name="policy.model_name_or_path",
+        quantization=config.quantization, device=device,
     )
+    targets = config.lora_target_modules or default_lora_targets(base)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora)
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as err:
+        raise ValueError(f"policy.lora_target_modules={targets}: {err}") from err
     hidden_size = base.get_output_embeddings().in_features
     value_head = nn.Linear(hidden_size, 1)
     if config.value_head_init_std > 0:
@@ -242,17 +315,20 @@ def import_reward_function(spec: str) -> ScoreFn:
 class SequenceClassifierReward(nn.Module):
     """A frozen sequence-classification reward model, scored at the last real token of each text.
 
-    When its tokenizer differs from the policy's, completions are decoded to text and re-tokenized.
+    When its tokenizer differs from the policy's, completions are decoded to text and re-tokenized, with
+    the reward model's own chat template when it has one. Scoring runs in batches of ``batch_size``.
     """
 
     def __init__(
         self, name_or_path: str, policy_tokenizer: PreTrainedTokenizerBase, label_index: Optional[int] = None,
-        dtype: DType = "float32", trust_remote_code: bool = False,
+        dtype: DType = "float32", trust_remote_code: bool = False, quantization: Quantization = None,
+        batch_size: Optional[int] = None, device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         self.model = freeze(_load_pretrained(
             AutoModelForSequenceClassification, name_or_path, "reward.model_name_or_path",
             dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            **quantization_kwargs(quantization, dtype, "reward.quantization", device),
         ))
         num_labels = self.model.config.num_labels
         if label_index is None:
@@ -265,19 +341,47 @@ class SequenceClassifierReward(nn.Module):
         if not 0 <= label_index < num_labels:
             raise ValueError(f"reward.label_index={label_index} is out of range for {num_labels} labels")
         self.label_index = label_index
+        self.batch_size = batch_size
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         self.tokenizer.padding_side = "right"
         self.shares_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
 
+    @property
+    def score_head(self) -> Optional[nn.Linear]:
+        """The linear head of decoder-style classifiers (None for encoders that pool their own way)."""
+        head = getattr(self.model, "score", None)
+        return head if isinstance(head, nn.Linear) else None
+
+    def texts_for_reward(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        """Prompt and completion as the reward model reads them: its chat template, or plain text."""
+        if self.tokenizer.chat_template is None:
+            return [f"{p} {c}" for p, c in zip(prompts, completions)]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+            )
+            for p, c in zip(prompts, completions)
+        ]
+
     @torch.no_grad()
-    def forward(self, texts: Sequence[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scores ``[batch]`` for full texts, given also as policy token ids (used when tokenizers match)."""
+    def forward(
+        self, prompts: Sequence[str], completions: Sequence[str], input_ids: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """Scores ``[batch]``; the policy's token ids are used directly when the tokenizers match."""
+        device = input_ids.device
         if not self.shares_tokenizer:
-            encoded = self.tokenizer(list(texts), return_tensors="pt", padding=True)
-            input_ids = encoded["input_ids"].to(input_ids.device)
-            attention_mask = encoded["attention_mask"].to(input_ids.device)
-        score_head = getattr(self.model, "score", None)
-        if score_head is None:  # encoder classifiers pool on their own first token
+            encoded = self.tokenizer(
+                self.texts_for_reward(prompts, completions), return_tensors="pt", padding=True,
+                add_special_tokens=self.tokenizer.chat_template is None,
+            )
+            input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        chunk = self.batch_size or input_ids.shape[0]
+        return torch.cat([
+            self._score(ids, mask) for ids, mask in zip(input_ids.split(chunk), attention_mask.split(chunk))
+        ])
+
+    def _score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.score_head is None:  # encoder classifiers pool on their own first token
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         else:
             hidden = self.model.base_model(
@@ -285,5 +389,22 @@ class SequenceClassifierReward(nn.Module):
                 position_ids=position_ids_from(attention_mask), use_cache=False,
             ).last_hidden_state
             last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
-            logits = score_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            logits = self.score_head(pooled.to(self.score_head.weight.dtype))
         return logits[:, self.label_index].float()
+
+
+def init_value_head_from_reward(value_head: nn.Linear, reward: SequenceClassifierReward) -> None:
+    """Copy the reward model's score-head row (``label_index``) into the value head."""
+    head = reward.score_head
+    if head is None or head.in_features != value_head.in_features:
+        found = "no linear score head" if head is None else f"a score head over {head.in_features} features"
+        raise ValueError(
+            f"policy.value_head_from_reward needs a reward model whose score head reads {value_head.in_features} "
+            f"features like the policy's; it has {found}. Set policy.value_head_from_reward=false"
+        )
+    with torch.no_grad():
+        value_head.weight.copy_(head.weight[reward.label_index : reward.label_index + 1].float())
+        value_head.bias.zero_()
+        if head.bias is not None:
+            value_head.bias.copy_(head.bias[reward.label_index].float())

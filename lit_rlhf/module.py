@@ -16,8 +16,8 @@ from torch import Tensor
 
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.models import (
-    DType, PolicyConfig, SequenceClassifierReward, freeze, import_reward_function, load_causal_lm, load_policy,
-    load_tokenizer, response_forward,
+    DType, PolicyConfig, Quantization, SequenceClassifierReward, freeze, import_reward_function,
+    init_value_head_from_reward, load_causal_lm, load_policy, load_tokenizer, response_forward,
 )
 from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, trim_padding
 
@@ -37,10 +37,32 @@ class RewardConfig:
     """Which logit is the reward, for classifiers with more than one label."""
     dtype: DType = "float32"
     """Dtype of the reward model's weights."""
+    quantization: Quantization = None
+    """Load the reward model in ``4bit`` (nf4) or ``8bit`` with bitsandbytes."""
+    batch_size: Optional[int] = None
+    """Score in chunks of this many sequences (None: the whole rollout at once)."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of every response that never emitted the stop token."""
+    normalize: Literal["none", "running", "fixed"] = "none"
+    """``running``: standardize scores with the running mean/std of all scores so far;
+    ``fixed``: ``(score - shift) / scale``."""
+    shift: float = 0.0
+    """Subtracted from scores when ``normalize`` is ``fixed``."""
+    scale: float = 1.0
+    """Divides scores when ``normalize`` is ``fixed``."""
     clip: Optional[float] = None
-    """Clip scores to ``[-clip, clip]``."""
+    """Clip (normalized) scores to ``[-clip, clip]``."""
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy of the KL penalty."""
+
+    model_name_or_path: Optional[str] = None
+    """A separate reference checkpoint (e.g. another SFT model); None uses the policy with its adapter off,
+    which holds no second copy of the weights."""
+    quantization: Quantization = None
+    """Load the separate reference in ``4bit`` or ``8bit`` (its dtype is the policy's)."""
 
 
 @dataclass
@@ -130,7 +152,7 @@ class PPOModule(L.LightningModule):
         self,
         policy: PolicyConfig = PolicyConfig(),
         reward: RewardConfig = RewardConfig(),
-        reference_model: Optional[str] = None,
+        reference: ReferenceConfig = ReferenceConfig(),
         generation: SamplingConfig = SamplingConfig(),
         ppo: PPOConfig = PPOConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
@@ -139,7 +161,7 @@ class PPOModule(L.LightningModule):
         Args:
             policy: The trained causal LM, its LoRA adapter and value head.
             reward: The reward model or function.
-            reference_model: A separate frozen reference checkpoint; None uses the policy with its adapter off.
+            reference: The frozen reference; by default the policy with its adapter off.
             generation: Sampling settings of the rollouts.
             ppo: PPO hyper-parameters.
             optimizer: Optimizer and learning-rate schedule.
@@ -153,9 +175,10 @@ class PPOModule(L.LightningModule):
             raise ValueError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
         self.save_hyperparameters()
         # The typed configs; ``self.hparams`` holds the same values, possibly as plain dicts (LightningCLI).
-        self.policy_config, self.reward_config, self.reference_model_path = policy, reward, reference_model
+        self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
         self.automatic_optimization = False
+        self.score_moments = ppo_math.RunningMoments()
         self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
         self.policy = None
         if ppo.adaptive_kl:
@@ -169,9 +192,10 @@ class PPOModule(L.LightningModule):
         """Load the tokenizer, policy, reference and reward (once; Lightning may call this again)."""
         if self.policy is not None:
             return
-        policy_cfg, reward_cfg = self.policy_config, self.reward_config
+        policy_cfg, reward_cfg, reference_cfg = self.policy_config, self.reward_config, self.reference_config
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
         self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
-        self.policy = load_policy(policy_cfg)
+        self.policy = load_policy(policy_cfg, device)
         vocab_size = self.policy.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab_size:
             raise ValueError(
@@ -179,18 +203,23 @@ class PPOModule(L.LightningModule):
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
         self.reference = None
-        if self.reference_model_path is not None:
+        if reference_cfg.model_name_or_path is not None:
             self.reference = freeze(load_causal_lm(
-                self.reference_model_path, policy_cfg.dtype, policy_cfg.trust_remote_code, field_name="reference_model"
+                reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
+                field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
             ))
         self.reward_model, self.reward_function = None, None
         if reward_cfg.model_name_or_path is not None:
             self.reward_model = SequenceClassifierReward(
                 reward_cfg.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
-                policy_cfg.trust_remote_code,
+                policy_cfg.trust_remote_code, reward_cfg.quantization, reward_cfg.batch_size, device,
             )
         else:
             self.reward_function = import_reward_function(reward_cfg.function)
+        if policy_cfg.value_head_from_reward:
+            if self.reward_model is None:
+                raise ValueError("policy.value_head_from_reward needs reward.model_name_or_path, not a reward function")
+            init_value_head_from_reward(self.policy.value_head, self.reward_model)
         stop = self.sampling.stop_token
         if stop is None:
             self.stop_token_id = self.tokenizer.eos_token_id
@@ -272,8 +301,14 @@ class PPOModule(L.LightningModule):
         ]
         has_stop = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.stop_token_id
         scores = self.score(batch["prompts"], completions, query_responses, attention_mask)
+        raw_scores = scores
         if reward_cfg.missing_eos_penalty is not None:
             scores = scores - reward_cfg.missing_eos_penalty * (~has_stop).float()
+        if reward_cfg.normalize == "running":
+            self.score_moments.update(self._gather(scores))
+            scores = self.score_moments.normalize(scores)
+        elif reward_cfg.normalize == "fixed":
+            scores = (scores - reward_cfg.shift) / reward_cfg.scale
         if reward_cfg.clip is not None:
             scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
 
@@ -294,6 +329,7 @@ class PPOModule(L.LightningModule):
             "objective/non_score_reward": non_score_reward,
             "objective/rlhf_reward": scores.mean() + non_score_reward,
             "objective/scores": scores.mean(),
+            "objective/raw_scores": raw_scores.mean(),
             "val/num_eos_tokens": has_stop.float().sum(),
             "val/response_length": lengths.float().mean(),
         }
@@ -313,8 +349,7 @@ class PPOModule(L.LightningModule):
     def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """One finite score per completion, from the reward model or the reward function."""
         if self.reward_model is not None:
-            texts = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, attention_mask)]
-            scores = self.reward_model(texts, input_ids, attention_mask)
+            scores = self.reward_model(prompts, completions, input_ids, attention_mask)
             source = f"reward.model_name_or_path={self.reward_config.model_name_or_path!r}"
         else:
             raw = self.reward_function(prompts, completions)
@@ -426,6 +461,12 @@ class PPOModule(L.LightningModule):
         if batch_size is not None:
             self._minibatch_sizes(batch_size)  # fail before the first rollout, not after it
 
+    def _gather(self, values: Tensor) -> Tensor:
+        """``values`` of every rank, flattened (just ``values`` outside a distributed run)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values.flatten()
+        return self.all_gather(values).flatten()
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights that PPO trains (LoRA and value head), as in ``state_dict()``."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -434,10 +475,13 @@ class PPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
+        checkpoint["score_moments"] = self.score_moments.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+        if "score_moments" in checkpoint:
+            self.score_moments.load_state_dict(checkpoint["score_moments"])
 
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""

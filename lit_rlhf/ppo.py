@@ -148,6 +148,40 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+class RunningMoments:
+    """Running mean and standard deviation of every value seen so far (parallel Welford updates)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def update(self, values: Tensor) -> None:
+        """Fold a batch of values into the running mean and (population) variance."""
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = values.mean().item(), values.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return self.var**0.5
+
+    def normalize(self, values: Tensor) -> Tensor:
+        """``(values - mean) / std`` with the running statistics."""
+        return (values - self.mean) / max(self.std, 1e-8)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.var = int(state["count"]), float(state["mean"]), float(state["var"])
+
+
 class FixedKLController:
     """A KL coefficient that never changes."""
 

@@ -95,7 +95,7 @@ def test_classifier_reward_scores_last_real_token(tiny_llama, tiny_classifier):
     width = max(map(len, ids))
     input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    scores = reward(texts, input_ids, mask)
+    scores = reward(["unused"] * 2, ["unused"] * 2, input_ids, mask)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
     for row, tokens in enumerate(ids):
         hidden = model.base_model(input_ids=torch.tensor([tokens])).last_hidden_state
@@ -110,9 +110,14 @@ def test_classifier_reward_with_another_tokenizer_retokenizes_text(tmp_path, tin
     reward = SequenceClassifierReward(tiny_classifier, other)
     assert not reward.shares_tokenizer
     junk = torch.full((1, 3), 7)  # policy ids are ignored when tokenizers differ
-    score = reward(["it was good"], junk, torch.ones_like(junk))
+    score = reward(["it was"], ["good"], junk, torch.ones_like(junk))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
-    tokens = load_tokenizer(tiny_classifier)("it was good", return_tensors="pt")["input_ids"]
+    # the reward tokenizer has a chat template: prompt and completion are formatted with it
+    text = reward.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "it was"}, {"role": "assistant", "content": "good"}], tokenize=False
+    )
+    assert text.split() == ["it", "was", "good"]
+    tokens = load_tokenizer(tiny_classifier)(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     hidden = model.base_model(input_ids=tokens).last_hidden_state
     assert score.item() == pytest.approx(model.score(hidden[0, -1]).item(), abs=1e-5)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_rlhf import PolicyConfig, PPOModule, PromptDataModule, SamplingConfig
-from lit_rlhf.module import OptimizerConfig, PPOConfig, RewardConfig
+from lit_rlhf.module import OptimizerConfig, PPOConfig, ReferenceConfig, RewardConfig
 from conftest import QUICKSTART_PROMPTS
 
 SENTIMENT = "lit_rlhf.rewards:sentiment_lexicon"
@@ -96,7 +96,7 @@ def test_reward_model_separate_reference_and_options(tiny_llama, tiny_classifier
     L.seed_everything(0)
     ppo = PPOConfig(ppo_epochs=2, num_minibatches=2, gradient_accumulation_steps=2, adaptive_kl=True, target_kl=0.5,
                     ent_coef=0.01, whiten_rewards=True)
-    module = make_module(tiny_llama, reward_model=tiny_classifier, reference_model=tiny_llama, ppo=ppo)
+    module = make_module(tiny_llama, reward_model=tiny_classifier, reference=ReferenceConfig(tiny_llama), ppo=ppo)
     recorder = Recorder()
     fit(module, make_data(tiny_llama), tmp_path, callbacks=[recorder])
     assert module.reference is not None and module.reward_model is not None

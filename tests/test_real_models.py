@@ -1,0 +1,204 @@
+"""Real-model paths on tiny local checkpoints: families, QLoRA, reference, reward options, export, recipes."""
+
+import os
+import sys
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_rlhf import models
+from lit_rlhf.models import PolicyConfig, load_policy, quantization_kwargs
+from lit_rlhf.module import PPOConfig, ReferenceConfig, RewardConfig
+from lit_rlhf.ppo import RunningMoments
+from lit_rlhf.tiny import build_word_tokenizer, resolve_model_path, save_tiny_checkpoint
+from test_cli import run_cli
+from test_module import Recorder, fit, make_data, make_module
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def storage_bytes(module):
+    """Bytes of distinct parameter storages: shared weights count once."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    return sum(storages.values())
+
+
+def changed_parameters(module, before):
+    return {name for name, p in module.named_parameters() if not torch.equal(p, before[name])}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_family_gets_default_lora_targets_and_trains(arch, tmp_path):
+    path = f"builtin:tiny-{arch}"
+    L.seed_everything(0)
+    module = make_module(path, ppo=PPOConfig(ppo_epochs=1, num_minibatches=2))
+    module.configure_model()
+    adapted = {name.rsplit(".", 1)[-1] for name, m in module.policy.model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(models.DEFAULT_LORA_TARGETS[arch])
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    fit(module, make_data(path), tmp_path, limit_train_batches=1)
+    changed = changed_parameters(module, before)
+    assert changed and all("lora_" in n or "value_head" in n for n in changed)
+
+
+def test_unknown_architecture_lists_its_linear_modules(monkeypatch):
+    monkeypatch.setattr(models, "DEFAULT_LORA_TARGETS", {})
+    with pytest.raises(ValueError, match=r"No default LoRA targets for architecture 'llama': set policy.lora_target_modules .*'q_proj'"):
+        load_policy(PolicyConfig("builtin:tiny-llama"))
+    policy = load_policy(PolicyConfig("builtin:tiny-llama", lora_target_modules=["all-linear"]))
+    assert any("lora_A" in n for n, _ in policy.named_parameters())
+
+
+def test_bad_lora_target_names_the_field():
+    with pytest.raises(ValueError, match="policy.lora_target_modules"):
+        load_policy(PolicyConfig("builtin:tiny-llama", lora_target_modules=["no_such_proj"]))
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_qlora_ppo_step_trains_only_adapter_and_value_head(quantization, layer, tmp_path):
+    L.seed_everything(0)
+    module = make_module("builtin:tiny-llama", ppo=PPOConfig(ppo_epochs=1, num_minibatches=2))
+    module.policy_config = PolicyConfig("builtin:tiny-llama", lora_r=8, quantization=quantization)
+    module.configure_model()
+    layers = {type(m).__name__ for m in module.policy.model.modules()}
+    assert layer in layers
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    recorder = Recorder()
+    fit(module, make_data("builtin:tiny-llama"), tmp_path, limit_train_batches=1, callbacks=[recorder])
+    changed = changed_parameters(module, before)
+    assert any("lora_B" in n for n in changed) and "policy.value_head.weight" in changed
+    assert all("lora_" in n or "value_head" in n for n in changed)
+    assert torch.isfinite(torch.tensor(recorder.history["loss/policy_avg"])).all()
+
+
+def test_quantized_separate_reference_and_reward(tmp_path):
+    L.seed_everything(0)
+    module = make_module(
+        "builtin:tiny-llama", reward_model="builtin:tiny-llama-classifier",
+        reference=ReferenceConfig("builtin:tiny-llama", quantization="8bit"), ppo=PPOConfig(ppo_epochs=1),
+    )
+    module.reward_config = RewardConfig(model_name_or_path="builtin:tiny-llama-classifier", quantization="4bit", batch_size=3)
+    recorder = Recorder()
+    fit(module, make_data("builtin:tiny-llama"), tmp_path, limit_train_batches=1, callbacks=[recorder])
+    assert "Linear8bitLt" in {type(m).__name__ for m in module.reference.modules()}
+    assert "Linear4bit" in {type(m).__name__ for m in module.reward_model.modules()}
+    assert len(recorder.history["objective/scores"]) == 1
+
+
+def test_default_reference_holds_no_second_copy_of_the_weights():
+    shared = make_module("builtin:tiny-llama")
+    shared.configure_model()
+    separate = make_module("builtin:tiny-llama", reference=ReferenceConfig("builtin:tiny-llama"))
+    separate.configure_model()
+    base_bytes = storage_bytes(AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama")))
+    adapter_bytes = storage_bytes(shared.policy) - base_bytes
+    assert 0 < adapter_bytes < 0.25 * base_bytes  # LoRA + value head only
+    assert storage_bytes(shared) == storage_bytes(shared.policy)
+    assert storage_bytes(separate) == storage_bytes(shared) + base_bytes
+
+
+def test_value_head_initialized_from_reward_score_head():
+    module = make_module("builtin:tiny-llama", reward_model="builtin:tiny-llama-classifier")
+    module.policy_config = PolicyConfig("builtin:tiny-llama", value_head_from_reward=True)
+    module.configure_model()
+    torch.testing.assert_close(module.policy.value_head.weight, module.reward_model.model.score.weight)
+    with pytest.raises(ValueError, match="needs reward.model_name_or_path"):
+        bad = make_module("builtin:tiny-llama")
+        bad.policy_config = PolicyConfig("builtin:tiny-llama", value_head_from_reward=True)
+        bad.configure_model()
+
+
+def test_running_moments_match_numpy():
+    torch.manual_seed(0)
+    moments, seen = RunningMoments(), []
+    for size in (5, 1, 17):
+        batch = torch.randn(size) * 3 + 2
+        moments.update(batch)
+        seen.append(batch)
+    everything = torch.cat(seen).double()
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.std == pytest.approx(everything.std(unbiased=False).item())
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.normalize(torch.tensor([2.0])).item() == pytest.approx(moments.normalize(torch.tensor([2.0])).item())
+
+
+@pytest.mark.parametrize("normalize", ["fixed", "running"])
+def test_score_normalization_and_clipping(normalize, tmp_path):
+    L.seed_everything(0)
+    module = make_module("builtin:tiny-llama", reward_function="reward_fns:words", ppo=PPOConfig(ppo_epochs=1))
+    module.reward_config = RewardConfig(function="reward_fns:words", normalize=normalize, shift=2.0, scale=4.0, clip=1.5)
+    recorder = Recorder()
+    fit(module, make_data("builtin:tiny-llama"), tmp_path, limit_train_batches=2, callbacks=[recorder])
+    raw, scores = recorder.history["objective/raw_scores"], recorder.history["objective/scores"]
+    if normalize == "fixed":  # 8 words -> (8 - 2) / 4 = 1.5, within the clip
+        assert scores == pytest.approx([(r - 2.0) / 4.0 for r in raw])
+    else:
+        assert module.score_moments.count == 16
+        assert all(abs(s) <= 1.5 for s in scores)
+
+
+def test_tokenizer_larger_than_model_vocabulary(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "m")
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_tokens([f"new{i}" for i in range(10)])
+    tokenizer.save_pretrained(path)
+    module = make_module(str(path))
+    with pytest.raises(ValueError, match="has 260 tokens but the model's embedding has only 250 rows"):
+        module.configure_model()
+
+
+def test_quantization_on_unsupported_setup(monkeypatch):
+    with pytest.raises(ValueError, match="policy.quantization='4bit' is not supported on mps"):
+        quantization_kwargs("4bit", "float32", "policy.quantization", torch.device("mps"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ValueError, match="reward.quantization='8bit' needs bitsandbytes"):
+        quantization_kwargs("8bit", "float32", "reward.quantization")
+
+
+def test_export_round_trip_matches_trained_policy(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    L.seed_everything(0)
+    module = make_module("builtin:tiny-qwen2", ppo=PPOConfig(ppo_epochs=1), lr=5e-2)
+    fit(module, make_data("builtin:tiny-qwen2"), tmp_path, limit_train_batches=1)
+    result = run_cli("export", "--adapter_dir", str(tmp_path / "policy"), "--output_dir", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        trained = module.policy.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-qwen2"))
+        base_logits = base(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(base, str(tmp_path / "policy"))(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    assert not torch.allclose(trained, base_logits, atol=1e-4)  # training moved the policy
+    torch.testing.assert_close(adapter, trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
+    head = load_file(tmp_path / "merged" / "value_head.safetensors")
+    torch.testing.assert_close(head["weight"], module.policy.value_head.weight.detach())
+
+
+GPU_RECIPES = {
+    "qwen2.5-0.5b-lora.yaml": "builtin:tiny-qwen2",
+    "llama3.1-8b-qlora.yaml": "builtin:tiny-llama",
+}
+
+
+@pytest.mark.parametrize("recipe, policy", GPU_RECIPES.items())
+def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
+    """The recipe as shipped (precision, quantization, PPO settings), with tiny local models and data."""
+    result = run_cli(
+        "fit", "--config", f"recipes/{recipe}", "--trainer.accelerator=cpu",
+        f"--model.policy.model_name_or_path={policy}",
+        "--model.reward.model_name_or_path=builtin:tiny-llama-classifier",
+        "--data.path=recipes/data/sentiment_prompts.jsonl", "--data.batch_size=8",
+        "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "objective/scores" in metrics and len(metrics.strip().splitlines()) == 2
