@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.data import PromptDataModule
 from lit_rlhf.module import PPOModule
@@ -33,10 +35,14 @@ def main(args: Optional[list[str]] = None) -> None:
 
         CLI(export_policy, args=argv[1:], as_positional=False)
         return
-    PPOCLI(
-        PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        PPOCLI(
+            PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+        )
+    except SIGTERMException:
+        print("Stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

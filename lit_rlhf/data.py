@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lit_rlhf.models import load_tokenizer
 
@@ -61,6 +61,33 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
     return input_ids, attention_mask
 
 
+class ResumableSampler(Sampler[int]):
+    """Shuffles (or not) with a generator seeded by ``(seed, epoch)``; can skip prompts already used.
+
+    Its order depends on nothing but the seed and the epoch, so a run resumed mid-epoch continues with
+    exactly the prompts the uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_items: int, shuffle: bool, seed: int) -> None:
+        self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        else:
+            order = list(range(self.num_items))
+        skip, self.skip = self.skip, 0  # skipping applies to the first pass after a resume only
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.num_items  # the whole epoch, as Lightning counts it, also when resuming mid-epoch
+
+
 class PromptDataModule(L.LightningDataModule):
     """Batches of tokenized, left-padded prompts; one batch is one PPO iteration's rollout."""
 
@@ -74,6 +101,7 @@ class PromptDataModule(L.LightningDataModule):
         truncate_prompts: bool = False,
         apply_chat_template: bool = False,
         shuffle: bool = True,
+        seed: int = 0,
         num_workers: int = 0,
         tokenizer: Optional[str] = None,
         trust_remote_code: bool = False,
@@ -88,6 +116,7 @@ class PromptDataModule(L.LightningDataModule):
             truncate_prompts: Keep the last ``max_prompt_length`` tokens of longer prompts instead of failing.
             apply_chat_template: Wrap each prompt as a user turn with the tokenizer's chat template.
             shuffle: Shuffle prompts each epoch.
+            seed: Seed of the shuffling (each epoch's order depends only on it and the epoch).
             num_workers: DataLoader worker processes.
             tokenizer: Tokenizer to use; the CLI sets it to the policy's ``model_name_or_path``.
             trust_remote_code: Allow the tokenizer's own code to run.
@@ -99,6 +128,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_prompt_length must be at least 1, got {max_prompt_length}")
         self.save_hyperparameters()
         self.examples: list[dict[str, Any]] = []
+        self.sampler: Optional[ResumableSampler] = None
+        self._resume_position: Optional[dict[str, int]] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.examples:
@@ -141,7 +172,28 @@ class PromptDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompts": [e["prompt"] for e in examples]}
 
     def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        self.sampler = ResumableSampler(len(self.examples), hp.shuffle, hp.seed)
+        if self._resume_position is not None:
+            self.sampler.set_epoch(self._resume_position["epoch"])
+            self.sampler.skip = self._resume_position["batches_consumed"] * hp.batch_size
+            self._resume_position = None
         return DataLoader(
-            self.examples, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle, drop_last=True,
-            collate_fn=self.collate, num_workers=self.hparams.num_workers,
+            self.examples, batch_size=hp.batch_size, sampler=self.sampler, drop_last=True, collate_fn=self.collate,
+            num_workers=hp.num_workers, generator=torch.Generator().manual_seed(hp.seed),
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: the epoch and how many of its batches training has consumed."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch_loop = trainer.fit_loop.epoch_loop
+        consumed = epoch_loop.batch_progress.current.processed  # finished PPO iterations of this epoch
+        if consumed >= trainer.num_training_batches:  # epoch done: the next one starts from its beginning
+            return {"epoch": trainer.current_epoch + 1, "batches_consumed": 0}
+        return {"epoch": trainer.current_epoch, "batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self._resume_position = dict(state)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 import resource
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -107,6 +108,9 @@ class PPOConfig:
     """Stop the PPO epochs of an iteration early once the mean approx KL exceeds this."""
     disable_dropout: bool = True
     """Keep dropout off in PPO passes too (rollouts never use it)."""
+    max_consecutive_skips: int = 5
+    """Optimizer steps are skipped (with a warning) when the loss or a gradient is NaN/inf; after this many
+    skips in a row the run stops with an error and a checkpoint of the last good state."""
 
 
 @dataclass
@@ -143,6 +147,18 @@ class Rollout:
     prompts: list[str]
     completions: list[str]
     scores: Tensor
+    kl: Tensor
+    rewards: Tensor
+
+    def samples(self) -> dict[str, list]:
+        """Per-response rows for sample tables: prompt, completion, score, KL and total reward."""
+        return {
+            "prompt": self.prompts,
+            "completion": self.completions,
+            "score": self.scores.tolist(),
+            "kl": self.kl.sum(1).tolist(),
+            "reward": self.rewards.sum(1).tolist(),
+        }
 
 
 class PPOModule(L.LightningModule):
@@ -173,12 +189,19 @@ class PPOModule(L.LightningModule):
             raise ValueError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
         if generation.temperature <= 0:
             raise ValueError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
-        self.save_hyperparameters()
-        # The typed configs; ``self.hparams`` holds the same values, possibly as plain dicts (LightningCLI).
+        # Plain dicts, so that checkpoints load with ``torch.load(weights_only=True)`` and hparams.yaml reads well.
+        self.save_hyperparameters({
+            "policy": asdict(policy), "reward": asdict(reward), "reference": asdict(reference),
+            "generation": asdict(generation), "ppo": asdict(ppo), "optimizer": asdict(optimizer),
+        })
+        # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
         self.automatic_optimization = False
         self.score_moments = ppo_math.RunningMoments()
+        self.iteration = 0  # PPO iterations done
+        self.skipped_updates, self.consecutive_skips = 0, 0
+        self.latest_samples: dict[str, list] = {}
         self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
         self.policy = None
         if ppo.adaptive_kl:
@@ -230,6 +253,16 @@ class PPOModule(L.LightningModule):
         if self.stop_token_id is None:
             raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_token")
 
+    def setup(self, stage: str) -> None:
+        """Write checkpoints atomically unless a strategy brings its own checkpoint writer."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from lit_rlhf.callbacks import AtomicCheckpointIO
+
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optimizer_config
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -266,6 +299,8 @@ class PPOModule(L.LightningModule):
         train_stats = self.ppo_update(rollout)
         train_seconds = time.perf_counter() - start - rollout_seconds
         self.kl_controller.update(float(rollout.stats["objective/kl"]), n_steps=rollout.mask.shape[0])
+        self.iteration += 1
+        self.latest_samples = rollout.samples()
         num_tokens = float(rollout.mask.sum())
         self.log_metrics({
             **rollout.stats,
@@ -276,6 +311,7 @@ class PPOModule(L.LightningModule):
             "perf/train_sec": train_seconds,
             "perf/tokens_per_sec": num_tokens / max(rollout_seconds, 1e-9),
             "perf/peak_memory_gb": peak_memory_gb(self.device),
+            "train/skipped_updates": self.skipped_updates,
         }, batch_size=rollout.mask.shape[0])
 
     @torch.no_grad()
@@ -335,7 +371,7 @@ class PPOModule(L.LightningModule):
         }
         return Rollout(
             query_responses, attention_mask, context_length, mask, out.logprobs, out.values * mask, advantages,
-            returns, stats, list(batch["prompts"]), completions, scores,
+            returns, stats, list(batch["prompts"]), completions, scores, kl, rewards,
         )
 
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
@@ -376,12 +412,19 @@ class PPOModule(L.LightningModule):
             epoch_approx_kl = []
             order = torch.randperm(batch_size, device=rollout.mask.device)
             for minibatch in order.split(minibatch_size):
+                losses = []
                 for micro in minibatch.split(micro_size):
                     loss, stats = self.ppo_loss(rollout, micro)
                     self.manual_backward(loss / hp.gradient_accumulation_steps)
+                    losses.append(loss.detach())
                     for name, value in stats.items():
                         history[name].append(value)
                     epoch_approx_kl.append(stats["policy/approxkl_avg"])
+                if not self._update_is_finite(torch.stack(losses)):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._skip_update()
+                    continue
+                self.consecutive_skips = 0
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
@@ -423,6 +466,38 @@ class PPOModule(L.LightningModule):
             "val/ratio": pg_stats["ratio"],
         }
         return loss, stats
+
+    def _update_is_finite(self, losses: Tensor) -> bool:
+        """Whether the minibatch's losses and gradients are finite, on every rank.
+
+        Under fp16 the gradient scaler handles inf gradients itself (skipping the step and lowering the
+        scale), so only the losses are checked there.
+        """
+        finite = bool(torch.isfinite(losses).all())
+        if finite and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            finite = bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()) if grads else True
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    def _skip_update(self) -> None:
+        """Count a skipped optimizer step; stop with a checkpoint after too many in a row."""
+        from lit_rlhf.callbacks import save_last_checkpoint
+
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        limit = self.ppo_config.max_consecutive_skips
+        warnings.warn(
+            f"Skipped an optimizer step: non-finite loss or gradient (iteration {self.iteration}, "
+            f"{self.consecutive_skips} in a row, {self.skipped_updates} in all)", RuntimeWarning, stacklevel=2,
+        )
+        if self.consecutive_skips >= limit:
+            path = save_last_checkpoint(self.trainer)  # weights and optimizer hold no update from the bad steps
+            raise RuntimeError(
+                f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"(ppo.max_consecutive_skips={limit}). The last good state is saved in {path}. Lower "
+                "model.optimizer.lr, keep ppo.max_grad_norm set, and check the scale of the reward "
+                "(model.reward.normalize / clip) before resuming with --ckpt_path."
+            )
 
     # ----------------------------------------------------------------------------------------------
     # Checks, logging, state
@@ -476,12 +551,27 @@ class PPOModule(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["score_moments"] = self.score_moments.state_dict()
+        checkpoint["ppo_progress"] = {"iteration": self.iteration, "skipped_updates": self.skipped_updates}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         if "score_moments" in checkpoint:
             self.score_moments.load_state_dict(checkpoint["score_moments"])
+        if "ppo_progress" in checkpoint:
+            self.iteration = checkpoint["ppo_progress"]["iteration"]
+            self.skipped_updates = checkpoint["ppo_progress"]["skipped_updates"]
+        if "rng_states" in checkpoint:  # the resumed run samples exactly what the uninterrupted one would
+            rng = checkpoint["rng_states"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
 
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""

@@ -11,6 +11,10 @@ import yaml
 from conftest import REPO_ROOT
 
 RECIPES = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "*.yaml")))
+QUICKSTART = [
+    "--config", os.path.join(REPO_ROOT, "recipes", "quickstart.yaml"),
+    "--data.path", os.path.join(REPO_ROOT, "recipes", "data", "sentiment_prompts.jsonl"),
+]
 
 
 def run_cli(*args, cwd=REPO_ROOT, timeout=300):
@@ -50,18 +54,16 @@ def test_unknown_key_is_a_clear_error():
 
 
 def test_quickstart_recipe_trains_and_writes_outputs(tmp_path):
-    result = run_cli(
-        "fit", "--config", "recipes/quickstart.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    )
+    result = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "quickstart" / "version_0"
+    run_dir = tmp_path / "outputs" / "quickstart" / "version_0"
     import pandas as pd
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics["objective/scores"].dropna()) == 3
     assert metrics["loss/policy_avg"].notna().all()
-    assert (run_dir / "config.yaml").exists() or (tmp_path / "quickstart" / "config.yaml").exists()
+    assert (run_dir / "config.yaml").exists() and (run_dir / "samples.jsonl").exists()
+    assert (tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt").exists()
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -81,15 +81,16 @@ def test_ppo_trains_lora_and_value_head_only(tiny_llama, tmp_path):
 
 def test_mean_reward_rises_on_a_learnable_reward(tiny_llama, tmp_path):
     L.seed_everything(0)
-    module = make_module(tiny_llama, max_new_tokens=12, lr=3e-3, ppo=PPOConfig(ppo_epochs=4, num_minibatches=2))
+    # the quickstart's settings; seeds 0-2 all end near 0.97 from about 0.01
+    module = make_module(tiny_llama, max_new_tokens=12, lr=4e-3, ppo=PPOConfig(ppo_epochs=4, num_minibatches=2))
     recorder = Recorder()
     fit(module, make_data(tiny_llama, batch_size=32), tmp_path, max_epochs=12, limit_train_batches=None,
         callbacks=[recorder])
     scores = recorder.history["objective/scores"]
     first, last = sum(scores[:10]) / 10, sum(scores[-10:]) / 10
     assert len(scores) == 96
-    # noise of a 10-iteration mean is ~0.01 here (score std ~0.14 over 32 prompts), so +0.1 is a real rise
-    assert last > first + 0.1, (first, last)
+    # noise of a 10-iteration mean is ~0.01 here (score std ~0.14 over 32 prompts)
+    assert last > first + 0.5, (first, last)
 
 
 def test_reward_model_separate_reference_and_options(tiny_llama, tiny_classifier, tmp_path):

@@ -13,6 +13,7 @@ from lit_rlhf.models import PolicyConfig, load_policy, quantization_kwargs
 from lit_rlhf.module import PPOConfig, ReferenceConfig, RewardConfig
 from lit_rlhf.ppo import RunningMoments
 from lit_rlhf.tiny import build_word_tokenizer, resolve_model_path, save_tiny_checkpoint
+from conftest import QUICKSTART_PROMPTS, REPO_ROOT
 from test_cli import run_cli
 from test_module import Recorder, fit, make_data, make_module
 
@@ -192,13 +193,14 @@ GPU_RECIPES = {
 def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
     """The recipe as shipped (precision, quantization, PPO settings), with tiny local models and data."""
     result = run_cli(
-        "fit", "--config", f"recipes/{recipe}", "--trainer.accelerator=cpu",
+        "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu",
         f"--model.policy.model_name_or_path={policy}",
         "--model.reward.model_name_or_path=builtin:tiny-llama-classifier",
-        "--data.path=recipes/data/sentiment_prompts.jsonl", "--data.batch_size=8",
-        "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    )
+        f"--data.path={QUICKSTART_PROMPTS}", "--data.batch_size=8",
+        "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1", cwd=tmp_path,
+    )  # W&B runs offline in the tests (WANDB_MODE=offline)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
-    assert "objective/scores" in metrics and len(metrics.strip().splitlines()) == 2
+    name = recipe.removesuffix(".yaml")
+    log = next((tmp_path / "outputs" / name / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert b"objective/scores" in log and b"loss/policy_avg" in log
+    assert (tmp_path / "outputs" / name / "checkpoints" / "last.ckpt").exists()

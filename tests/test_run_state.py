@@ -1,0 +1,187 @@
+"""Run state: exact resume, checkpoints on signals, atomic writes, the non-finite guard, W&B offline."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from conftest import REPO_ROOT
+from lit_rlhf.callbacks import AtomicCheckpointIO, PreemptionCheckpoint, SampleTable
+from lit_rlhf.module import PPOConfig
+from test_cli import QUICKSTART, run_cli
+from test_module import Recorder, make_data, make_module
+
+PPO = PPOConfig(ppo_epochs=2, num_minibatches=2, adaptive_kl=True)
+
+
+def trainer_for(tmp_path, callbacks, max_epochs=2, limit_train_batches=3):
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, limit_train_batches=limit_train_batches, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True), *callbacks],
+    )
+
+
+class PreemptAfter(L.Callback):
+    """Sends this process a real SIGTERM at the end of PPO iteration ``n``, like a cloud preemption."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if pl_module.iteration == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def trainable(module):
+    return {k: v.clone() for k, v in module.trainable_state_dict().items()}
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_llama, tmp_path):
+    """6 iterations over 2 epochs, interrupted mid-epoch after 4, resume gives identical metrics and weights."""
+    L.seed_everything(0)
+    full, full_log = make_module(tiny_llama, ppo=PPO), Recorder()
+    trainer_for(tmp_path / "full", [full_log]).fit(full, datamodule=make_data(tiny_llama))
+
+    L.seed_everything(0)
+    first = make_module(tiny_llama, ppo=PPO)
+    with pytest.raises(SIGTERMException):
+        trainer_for(tmp_path / "cut", [PreemptAfter(4), PreemptionCheckpoint()]).fit(first, datamodule=make_data(tiny_llama))
+    assert first.iteration == 4
+    checkpoint = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    assert checkpoint.exists()
+
+    L.seed_everything(123)  # a different seed: everything that matters must come from the checkpoint
+    resumed, resumed_log = make_module(tiny_llama, ppo=PPO), Recorder()
+    trainer_for(tmp_path / "cut", [resumed_log]).fit(resumed, datamodule=make_data(tiny_llama), ckpt_path=str(checkpoint))
+    assert resumed.iteration == 6
+    for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "kl_coef", "lr"):
+        assert resumed_log.history[name] == pytest.approx(full_log.history[name][4:], rel=1e-5, abs=1e-7), name
+    for name, value in trainable(full).items():
+        torch.testing.assert_close(trainable(resumed)[name], value, rtol=1e-5, atol=1e-7)
+    assert resumed.kl_controller.value == pytest.approx(full.kl_controller.value)
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_checkpoint_and_run_resumes(signum, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lit_rlhf.cli", "fit", *QUICKSTART, "--trainer.max_epochs=50"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        started = _wait_for(tmp_path / "outputs" / "quickstart" / "version_0" / "samples.jsonl", process)
+        assert started, process.communicate()[0][-3000:]
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == (143 if signum == signal.SIGTERM else 1), output[-3000:]
+    last = tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt"
+    assert last.exists(), output[-3000:]
+    checkpoint = torch.load(last, weights_only=False)
+    iteration = checkpoint["ppo_progress"]["iteration"]
+    assert 1 <= iteration < 50 * 8
+    assert checkpoint["PromptDataModule"]["batches_consumed"] == iteration % 8
+    assert "Saved" in output
+
+    # resume and finish the interrupted epoch plus one more
+    epochs = iteration // 8 + 2
+    resumed = run_cli("fit", *QUICKSTART, f"--trainer.max_epochs={epochs}", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr + resumed.stdout
+    assert sorted(os.listdir(last.parent))[-1] == "last.ckpt"  # overwritten, no last-v1.ckpt beside it
+    final = torch.load(last, weights_only=True)  # resumable checkpoints load without unpickling code
+    assert final["ppo_progress"]["iteration"] == epochs * 8
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, file):
+        file.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_module_installs_atomic_checkpoint_io(tiny_llama, tmp_path):
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1))
+    trainer = trainer_for(tmp_path, [], max_epochs=1, limit_train_batches=1)
+    trainer.fit(module, datamodule=make_data(tiny_llama))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_llama, tmp_path):
+    L.seed_everything(0)
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, max_consecutive_skips=3))
+    real_loss, calls = module.ppo_loss, {"n": 0}
+
+    def poisoned(rollout, index):
+        calls["n"] += 1
+        loss, stats = real_loss(rollout, index)
+        return (loss * float("nan") if calls["n"] >= 3 else loss), stats  # minibatches 3, 4, 5 ... are NaN
+
+    module.ppo_loss = poisoned
+    snapshots = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots[pl_module.iteration] = trainable(pl_module)
+
+    recorder = Recorder()
+    with pytest.warns(RuntimeWarning, match="Skipped an optimizer step"):
+        with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row .* last good state is saved in"):
+            trainer_for(tmp_path, [recorder, Snapshot()], max_epochs=1, limit_train_batches=4).fit(
+                module, datamodule=make_data(tiny_llama)
+            )
+    assert recorder.history["train/skipped_updates"] == [0.0, 2.0]  # iteration 2 skipped both of its steps
+    torch.testing.assert_close(snapshots[2], snapshots[1])  # skipped steps changed nothing
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    for name, value in snapshots[1].items():
+        torch.testing.assert_close(saved["state_dict"][name], value)
+
+
+def test_sample_table_and_metrics_in_offline_wandb_run(tmp_path):
+    result = run_cli(
+        "fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.project=lit-rlhf-tests", "--trainer.logger.offline=true",
+        "--trainer.callbacks=lit_rlhf.callbacks.SampleTable", "--trainer.callbacks.every_n_steps=2", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
+    for key in (b"objective/scores", b"objective/kl", b"loss/policy_avg", b"policy/approxkl_avg", b"lr", b"ppo_epochs"):
+        assert key in log, key
+    tables = sorted(glob.glob(os.path.join(runs[0], "files", "media", "table", "samples_*.table.json")))
+    assert len(tables) == 2  # iterations 1 and 3
+    table = json.load(open(tables[0]))
+    assert table["columns"] == ["prompt", "completion", "score", "kl", "reward"] and len(table["data"]) == 8
+    rows = [json.loads(line) for line in open(glob.glob(str(tmp_path / "**" / "samples.jsonl"), recursive=True)[0])]
+    assert [r["iteration"] for r in rows] == [1] * 8 + [3] * 8
