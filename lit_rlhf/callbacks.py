@@ -114,11 +114,14 @@ class SampleTable(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         samples = getattr(pl_module, "latest_samples", None)
         iteration = getattr(pl_module, "iteration", 0)  # PPO iterations done, this one included
-        if not samples or (iteration - 1) % self.every_n_steps or not trainer.is_global_zero:
+        if not samples or (iteration - 1) % self.every_n_steps:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask, so before the rank check
+        if not trainer.is_global_zero:
             return
         columns = list(samples)
         rows = [[samples[c][i] for c in columns] for i in range(min(self.max_rows, len(samples[columns[0]])))]
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = Path(log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "samples.jsonl", "a") as file:
             for row in rows:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_rlhf.models import load_tokenizer
 
@@ -61,19 +61,20 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
     return input_ids, attention_mask
 
 
-class ResumableSampler(Sampler[int]):
-    """Shuffles (or not) with a generator seeded by ``(seed, epoch)``; can skip prompts already used.
+class ResumableSampler(DistributedSampler):
+    """Shuffles (or not) with a generator seeded by ``(seed, epoch)``, shards it across ranks, and can
+    skip the prompts a resumed run has already used.
 
     Its order depends on nothing but the seed and the epoch, so a run resumed mid-epoch continues with
-    exactly the prompts the uninterrupted run would have seen.
+    exactly the prompts the uninterrupted run would have seen. Being a ``DistributedSampler``, it is not
+    wrapped again by Lightning under DDP: rank r takes every ``num_replicas``-th prompt from r on.
     """
 
-    def __init__(self, num_items: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, num_items: int, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = num_items // num_replicas  # per rank; the few left over are dropped each epoch
         self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self):
         if self.shuffle:
@@ -81,11 +82,12 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = list(range(self.num_items))
+        shard = order[self.rank : self.num_samples * self.num_replicas : self.num_replicas]
         skip, self.skip = self.skip, 0  # skipping applies to the first pass after a resume only
-        return iter(order[skip:])
+        return iter(shard[skip:])
 
     def __len__(self) -> int:
-        return self.num_items  # the whole epoch, as Lightning counts it, also when resuming mid-epoch
+        return self.num_samples  # the whole epoch, as Lightning counts it, also when resuming mid-epoch
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -173,7 +175,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        self.sampler = ResumableSampler(len(self.examples), hp.shuffle, hp.seed)
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if len(self.examples) < hp.batch_size * world_size:
+            raise ValueError(
+                f"data.path={hp.path!r} has {len(self.examples)} prompts, fewer than data.batch_size={hp.batch_size} "
+                f"x {world_size} devices: lower the batch size or add prompts"
+            )
+        self.sampler = ResumableSampler(len(self.examples), hp.shuffle, hp.seed, world_size, rank)
         if self._resume_position is not None:
             self.sampler.set_epoch(self._resume_position["epoch"])
             self.sampler.skip = self._resume_position["batches_consumed"] * hp.batch_size
@@ -189,7 +197,7 @@ class PromptDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         epoch_loop = trainer.fit_loop.epoch_loop
-        consumed = epoch_loop.batch_progress.current.processed  # finished PPO iterations of this epoch
+        consumed = epoch_loop.batch_progress.current.processed  # finished PPO iterations of this epoch (per rank)
         if consumed >= trainer.num_training_batches:  # epoch done: the next one starts from its beginning
             return {"epoch": trainer.current_epoch + 1, "batches_consumed": 0}
         return {"epoch": trainer.current_epoch, "batches_consumed": consumed}

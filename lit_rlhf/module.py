@@ -8,6 +8,7 @@ import resource
 import time
 import warnings
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
@@ -201,6 +202,7 @@ class PPOModule(L.LightningModule):
         self.score_moments = ppo_math.RunningMoments()
         self.iteration = 0  # PPO iterations done
         self.skipped_updates, self.consecutive_skips = 0, 0
+        self.latest_rollout: Optional[Rollout] = None  # for callbacks and debugging
         self.latest_samples: dict[str, list] = {}
         self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
         self.policy = None
@@ -298,9 +300,11 @@ class PPOModule(L.LightningModule):
         rollout_seconds = time.perf_counter() - start
         train_stats = self.ppo_update(rollout)
         train_seconds = time.perf_counter() - start - rollout_seconds
-        self.kl_controller.update(float(rollout.stats["objective/kl"]), n_steps=rollout.mask.shape[0])
+        # every rank updates its controller with the same global KL, so the coefficients stay equal
+        global_kl = float(self._all_reduce_sum(rollout.stats["objective/kl"].detach()) / self.trainer.world_size)
+        self.kl_controller.update(global_kl, n_steps=rollout.mask.shape[0] * self.trainer.world_size)
         self.iteration += 1
-        self.latest_samples = rollout.samples()
+        self.latest_rollout, self.latest_samples = rollout, rollout.samples()
         num_tokens = float(rollout.mask.sum())
         self.log_metrics({
             **rollout.stats,
@@ -352,10 +356,10 @@ class PPOModule(L.LightningModule):
             scores, out.logprobs, ref_logprobs, mask, self.kl_controller.value, ppo_cfg.kl_estimator
         )
         if ppo_cfg.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
         advantages, returns = ppo_math.compute_gae(rewards, out.values * mask, mask, ppo_cfg.gamma, ppo_cfg.lam)
         if ppo_cfg.whiten_advantages:
-            advantages = ppo_math.masked_whiten(advantages, mask)
+            advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
 
         sequence_kl = kl.sum(1).mean()
         non_score_reward = (-self.kl_controller.value * kl).sum(1).mean()
@@ -413,9 +417,13 @@ class PPOModule(L.LightningModule):
             order = torch.randperm(batch_size, device=rollout.mask.device)
             for minibatch in order.split(minibatch_size):
                 losses = []
-                for micro in minibatch.split(micro_size):
+                micros = minibatch.split(micro_size)
+                for position, micro in enumerate(micros):
                     loss, stats = self.ppo_loss(rollout, micro)
-                    self.manual_backward(loss / hp.gradient_accumulation_steps)
+                    # under DDP, gradients are averaged across ranks once per minibatch, on its last micro-batch
+                    last = position == len(micros) - 1
+                    with nullcontext() if last else self._no_gradient_sync():
+                        self.manual_backward(loss / hp.gradient_accumulation_steps)
                     losses.append(loss.detach())
                     for name, value in stats.items():
                         history[name].append(value)
@@ -430,8 +438,10 @@ class PPOModule(L.LightningModule):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            if hp.target_kl is not None and torch.stack(epoch_approx_kl).mean() > hp.target_kl:
-                break
+            if hp.target_kl is not None:  # decided on the mean over ranks, so all ranks stop together
+                approx_kl = self._all_reduce_sum(torch.stack(epoch_approx_kl).mean()) / self.trainer.world_size
+                if approx_kl > hp.target_kl:
+                    break
         self.policy.eval()
         return {name: torch.stack(values).mean() for name, values in history.items()}
 
@@ -525,16 +535,28 @@ class PPOModule(L.LightningModule):
     def log_metrics(self, metrics: dict[str, Any], batch_size: int) -> None:
         """Log every metric; the progress bar shows the score and the KL."""
         progress = {"objective/scores": "score", "objective/kl": "kl"}
-        for name, value in metrics.items():
-            self.log(name, float(value), batch_size=batch_size, prog_bar=False)
+        for name, value in metrics.items():  # averaged over ranks under data parallelism
+            value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+            self.log(name, value, batch_size=batch_size, prog_bar=False, sync_dist=True)
             if name in progress:
-                self.log(progress[name], float(value), batch_size=batch_size, prog_bar=True, logger=False)
+                self.log(progress[name], value, batch_size=batch_size, prog_bar=True, logger=False, sync_dist=True)
 
     def on_train_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
         if batch_size is not None:
             self._minibatch_sizes(batch_size)  # fail before the first rollout, not after it
+
+    def _all_reduce_sum(self, values: Tensor) -> Tensor:
+        """Sum of ``values`` over all ranks (``values`` itself in a single-process run)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def _no_gradient_sync(self) -> AbstractContextManager:
+        """Skip the cross-rank gradient all-reduce of the next backward (accumulation micro-batches)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
 
     def _gather(self, values: Tensor) -> Tensor:
         """``values`` of every rank, flattened (just ``values`` outside a distributed run)."""
@@ -575,8 +597,9 @@ class PPOModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero:
-            directory = f"{self.trainer.log_dir or self.trainer.default_root_dir}/policy"
+            directory = f"{log_dir or self.trainer.default_root_dir}/policy"
             self.policy.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
 

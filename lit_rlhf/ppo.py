@@ -7,12 +7,18 @@ for real response tokens (up to and including the stop token) and 0 after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 KLEstimator = Literal["k1", "k2", "k3"]
+AllReduceSum = Callable[[Tensor], Tensor]
+
+
+def _no_reduce(x: Tensor) -> Tensor:
+    return x
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
@@ -34,12 +40,18 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce: AllReduceSum = _no_reduce) -> Tensor:
     """Normalize the masked entries to unit variance (and zero mean when ``shift_mean``).
 
-    Masked-out positions of the result are 0.
+    Masked-out positions of the result are 0. ``all_reduce`` sums a tensor across processes, so that
+    data-parallel ranks whiten with the statistics of the whole batch; the default is one process.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    total = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total[0] / total[1]
+    squares, count = all_reduce(((x - mean) ** 2 * mask).sum()), total[1]
+    if count < 2:
+        raise ValueError("masked_whiten needs at least two unmasked entries")
+    var = squares / (count - 1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

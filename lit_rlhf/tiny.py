@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import safetensors.torch
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -104,7 +105,13 @@ def save_tiny_checkpoint(
         model = AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
     else:
         model = AutoModelForCausalLM.from_config(tiny_config(arch))
-    model.save_pretrained(path)
+    # The files model.save_pretrained would write, written directly: under torch.distributed it writes
+    # nothing on ranks other than 0, which would leave a checkpoint without weights in the cache.
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    safetensors.torch.save_model(model, str(path / "model.safetensors"), metadata={"format": "pt"})
     build_word_tokenizer(pad_token=pad_token).save_pretrained(path)
     return path
 

@@ -143,3 +143,13 @@ def test_trim_padding_drops_all_pad_columns():
     assert context == 2
     assert trimmed_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert trimmed_ids.tolist() == [[1, 2, 3, 4, 5], [8, 9, 10, 11, 12]]
+
+
+def test_tiny_checkpoint_is_complete_when_built_on_a_non_zero_rank(tmp_path, monkeypatch):
+    """DDP ranks build built-in models concurrently; transformers' save_pretrained writes nothing on rank 1."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    path = save_tiny_checkpoint(tmp_path / "tiny", arch="llama")
+    monkeypatch.undo()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"

@@ -1,0 +1,29 @@
+"""A callback the DDP test loads by class path: each rank dumps what the test compares across ranks."""
+
+import os
+
+import lightning as L
+import torch
+
+
+class DDPProbe(L.Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.records = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rollout = pl_module.latest_rollout
+        self.records.append({
+            "prompts": list(rollout.prompts),
+            "advantages": rollout.advantages.detach().cpu(),
+            "mask": rollout.mask.detach().cpu(),
+            "local_score": float(rollout.scores.mean()),
+            "logged_score": float(trainer.callback_metrics["objective/scores"]),
+            "kl_coef": pl_module.kl_controller.value,
+        })
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.out_dir, exist_ok=True)
+        weights = {k: v.detach().cpu() for k, v in pl_module.trainable_state_dict().items()}
+        torch.save({"weights": weights, "records": self.records, "world_size": trainer.world_size},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
