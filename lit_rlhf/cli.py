@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -35,6 +37,10 @@ def main(args: Optional[list[str]] = None) -> None:
 
         CLI(export_policy, args=argv[1:], as_positional=False)
         return
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported when a recipe names its strategy) would print a warning to stdout on machines
+        # without a GPU, corrupting `--print_config` output; naming its accelerator keeps it quiet.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         PPOCLI(
             PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,

@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from torch import Tensor
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import Tensor, nn
 
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.models import (
@@ -206,6 +207,10 @@ class PPOModule(L.LightningModule):
         self.latest_samples: dict[str, list] = {}
         self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
         self.policy = None
+        # The separate reference and the reward model live outside the module tree: strategies (DDP, FSDP,
+        # DeepSpeed) then neither broadcast, shard nor wrap them, and Lightning's train() leaves them in eval
+        # mode. Each rank holds its own frozen copy on its device (quantize them to save memory).
+        self._frozen_models: dict[str, nn.Module] = {}
         if ppo.adaptive_kl:
             self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         else:
@@ -227,15 +232,14 @@ class PPOModule(L.LightningModule):
                 f"The tokenizer of policy.model_name_or_path has {len(self.tokenizer)} tokens but the model's "
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
-        self.reference = None
         if reference_cfg.model_name_or_path is not None:
-            self.reference = freeze(load_causal_lm(
+            self._frozen_models["reference"] = freeze(load_causal_lm(
                 reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
                 field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
             ))
-        self.reward_model, self.reward_function = None, None
+        self.reward_function = None
         if reward_cfg.model_name_or_path is not None:
-            self.reward_model = SequenceClassifierReward(
+            self._frozen_models["reward"] = SequenceClassifierReward(
                 reward_cfg.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
                 policy_cfg.trust_remote_code, reward_cfg.quantization, reward_cfg.batch_size, device,
             )
@@ -255,8 +259,18 @@ class PPOModule(L.LightningModule):
         if self.stop_token_id is None:
             raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_token")
 
+    @property
+    def reference(self) -> Optional[nn.Module]:
+        """The separate frozen reference model (None: the policy with its adapter disabled)."""
+        return self._frozen_models.get("reference")
+
+    @property
+    def reward_model(self) -> Optional[SequenceClassifierReward]:
+        """The frozen reward model (None when the reward is a Python function)."""
+        return self._frozen_models.get("reward")
+
     def setup(self, stage: str) -> None:
-        """Write checkpoints atomically unless a strategy brings its own checkpoint writer."""
+        """Write checkpoints atomically unless a strategy brings its own writer; adapt to DeepSpeed."""
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
         from lit_rlhf.callbacks import AtomicCheckpointIO
@@ -264,6 +278,22 @@ class PPOModule(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(strategy, DeepSpeedStrategy):
+            # The DeepSpeed engine owns gradient accumulation and clipping: its accumulation boundary is
+            # Lightning's accumulate_grad_batches (1 under manual optimization), and it clips in engine.step().
+            if strategy.zero_stage_3:
+                raise ValueError(
+                    "trainer.strategy: DeepSpeed ZeRO stage 3 is not supported yet (it would partition the weights "
+                    "while they load and while the frozen reward model is used outside the engine). Use stage 2, "
+                    "or the FSDP strategy to shard weights (recipes/llama3.1-8b-fsdp.yaml)"
+                )
+            if self.ppo_config.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    "ppo.gradient_accumulation_steps > 1 is not supported with the DeepSpeed strategy: use more "
+                    "ppo.num_minibatches (smaller minibatches) or the FSDP/DDP strategy"
+                )
+            if self.ppo_config.max_grad_norm is not None:
+                strategy.config.setdefault("gradient_clipping", self.ppo_config.max_grad_norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optimizer_config
@@ -327,7 +357,8 @@ class PPOModule(L.LightningModule):
         context_length = queries.shape[1]
         self._check_sequence_length(context_length)
         responses = sample_responses(
-            self.policy.model, queries, query_mask, sampling, self.stop_token_id, self.tokenizer.pad_token_id
+            self.policy.model, queries, query_mask, sampling, self.stop_token_id, self.tokenizer.pad_token_id,
+            synced_gpus=self.parameters_are_sharded(),
         )
         mask = response_mask(responses, self.stop_token_id)
         query_responses = torch.cat([queries, responses], dim=1)
@@ -433,8 +464,7 @@ class PPOModule(L.LightningModule):
                     self._skip_update()
                     continue
                 self.consecutive_skips = 0
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                self._clip_gradient_norm(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -552,6 +582,28 @@ class PPOModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return values
         return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def _clip_gradient_norm(self, optimizer: Any) -> None:
+        """Clip the global gradient norm to ``ppo.max_grad_norm`` the way the strategy requires."""
+        max_norm = self.ppo_config.max_grad_norm
+        strategy = self.trainer.strategy
+        if max_norm is None or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed clips in its step
+            return
+        if isinstance(strategy, FSDPStrategy):  # sharded gradients: only the FSDP root knows the global norm
+            strategy.model.clip_grad_norm_(max_norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def parameters_are_sharded(self) -> bool:
+        """Whether the strategy shards the weights themselves (FSDP, DeepSpeed ZeRO-3).
+
+        Then every forward all-gathers weights across ranks, so all ranks must keep calling the model
+        during generation until the last one is done (``synced_gpus``), or the collectives hang.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            return strategy.sharding_strategy.name != "NO_SHARD"
+        return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
     def _no_gradient_sync(self) -> AbstractContextManager:
         """Skip the cross-rank gradient all-reduce of the next backward (accumulation micro-batches)."""

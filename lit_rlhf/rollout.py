@@ -40,9 +40,11 @@ def response_mask(responses: Tensor, stop_token_id: int) -> Tensor:
 @torch.no_grad()
 def sample_responses(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: SamplingConfig,
-    stop_token_id: int, pad_token_id: int,
+    stop_token_id: int, pad_token_id: int, synced_gpus: bool = False,
 ) -> Tensor:
     """Sample responses to left-padded prompts; returns ``[batch, len]`` padded after the stop token.
+
+    ``synced_gpus`` keeps this rank stepping until every rank has finished (needed when weights are sharded).
 
     The sampling settings are given in full, so a checkpoint's own ``generation_config`` (repetition
     penalty, default top-k) cannot silently change the distribution the log-probs are computed for.
@@ -52,7 +54,8 @@ def sample_responses(
         top_k=config.top_k, top_p=config.top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
     )
     sequences = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+        synced_gpus=synced_gpus,
     )
     responses = sequences[:, input_ids.shape[1] :]
     mask = response_mask(responses, stop_token_id)

@@ -96,8 +96,12 @@ def test_default_reference_holds_no_second_copy_of_the_weights():
     base_bytes = storage_bytes(AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama")))
     adapter_bytes = storage_bytes(shared.policy) - base_bytes
     assert 0 < adapter_bytes < 0.25 * base_bytes  # LoRA + value head only
+    # the default reference is the policy's own base (adapter disabled): nothing else is held
+    assert shared.reference is None and not shared._frozen_models
     assert storage_bytes(shared) == storage_bytes(shared.policy)
-    assert storage_bytes(separate) == storage_bytes(shared) + base_bytes
+    # a separate reference is a second full copy, held beside the module
+    assert storage_bytes(separate) == storage_bytes(shared)
+    assert storage_bytes(separate.reference) == base_bytes
 
 
 def test_value_head_initialized_from_reward_score_head():
