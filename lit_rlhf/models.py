@@ -183,10 +183,138 @@ def position_ids_from(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+_CHUNK_ELEMENTS = 2**22  # logits elements per chunk of the vocabulary-wide statistics (16 MiB in float32)
+
+
+def _rows_per_chunk(logits: Tensor) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(logits[0].numel(), 1))
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits)[tokens]``, computed in float32 in row chunks with a lean backward.
+
+    Neither direction materializes a full-size log-softmax or float32 copy of the logits: the only
+    ``[.., vocab]`` buffer besides the logits themselves is their gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        log_normalizer = torch.cat([chunk.to(dtype).logsumexp(-1) for chunk in logits.split(_rows_per_chunk(logits))])
+        ctx.save_for_backward(logits, tokens, log_normalizer)
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).to(dtype) - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, tokens, log_normalizer = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        rows = _rows_per_chunk(logits)
+        for out, chunk, token, lse, g in zip(grad_logits.split(rows), logits.split(rows), tokens.split(rows),
+                                             log_normalizer.split(rows), grad.split(rows)):
+            # d logp[t] / d logits = onehot(t) - softmax(logits)
+            chunk_grad = (chunk.to(lse.dtype) - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+            out.copy_(chunk_grad.scatter_add_(-1, token.unsqueeze(-1), g.unsqueeze(-1)))
+        return grad_logits, None
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """``log softmax(logits)[tokens]`` in float32, without materializing the full log-softmax."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return _TokenLogprobs.apply(logits, tokens)
+
+
+def _head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
+    # a 2-D matmul: on a strided 3-D slice, linear would fall back to a batched matmul with copies of the weight
+    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    logits = logits.view(*hidden.shape[:-1], -1).to(torch.promote_types(logits.dtype, torch.float32))
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _HeadTokenLogprobs(torch.autograd.Function):
+    """LM head + ``log softmax(logits / temperature)[tokens]`` (and optionally the entropy) in row chunks.
+
+    The ``[batch, len, vocab]`` logits are never held at once: each chunk's logits are computed, reduced
+    and freed, and recomputed in the backward pass (one extra matmul) instead of being saved.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
+        from lit_rlhf.ppo import entropy_from_logits
+
+        rows = max(1, _CHUNK_ELEMENTS // max(hidden.shape[1] * weight.shape[0], 1))
+        logprobs, normalizers, entropies = [], [], []
+        for h, t in zip(hidden.split(rows), tokens.split(rows)):
+            logits = _head_logits(h, weight, bias, temperature)
+            lse = logits.logsumexp(-1)
+            logprobs.append(logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse)
+            normalizers.append(lse)
+            if with_entropy:
+                entropies.append(entropy_from_logits(logits))
+        device = hidden.device.type
+        ctx.rows, ctx.temperature = rows, temperature
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(hidden, weight, bias, tokens, torch.cat(normalizers))
+        entropy = torch.cat(entropies) if with_entropy else hidden.new_zeros(0)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logprobs), entropy
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy):
+        hidden, weight, bias, tokens, normalizers = ctx.saved_tensors
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if need_bias else None
+        rows = ctx.rows
+        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_enabled):
+            for index, (h, t, lse, g) in enumerate(zip(hidden.split(rows), tokens.split(rows),
+                                                       normalizers.split(rows), grad.split(rows))):
+                # d logp[t] / d logits = onehot(t) - softmax(logits); then through "/ temperature"
+                logits = _head_logits(h, weight, bias, ctx.temperature)
+                grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+                grad_logits.scatter_add_(-1, t.unsqueeze(-1), g.unsqueeze(-1))
+                if ctx.temperature != 1.0:
+                    grad_logits /= ctx.temperature
+                if need_hidden:
+                    part = torch.matmul(grad_logits.to(weight.dtype), weight)
+                    grad_hidden[index * rows : index * rows + h.shape[0]] = part.to(hidden.dtype)
+                if need_weight:
+                    grad_weight += grad_logits.flatten(0, -2).T.to(accumulate) @ h.reshape(-1, h.shape[-1]).to(accumulate)
+                if need_bias:
+                    grad_bias += grad_logits.flatten(0, -2).sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def head_logprobs(
+    hidden: Tensor, lm_head: nn.Module, tokens: Tensor, temperature: float, with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs of ``tokens`` under ``lm_head(hidden) / temperature``, and optionally the entropy.
+
+    A plain linear head goes through the chunked :class:`_HeadTokenLogprobs`; other heads (quantized,
+    adapted) materialize the logits. The entropy has a graph only with ``entropy_grad`` (an entropy bonus).
+    """
+    from lit_rlhf.ppo import entropy_from_logits
+
+    if type(lm_head) is nn.Linear and not (with_entropy and entropy_grad):
+        logprobs, entropy = _HeadTokenLogprobs.apply(
+            hidden, lm_head.weight, lm_head.bias, tokens, temperature, with_entropy
+        )
+        return logprobs, entropy if with_entropy else None
+    logits = lm_head(hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = token_logprobs(logits, tokens)
+    if not with_entropy:
+        return logprobs, None
+    if entropy_grad and torch.is_grad_enabled():
+        return logprobs, entropy_from_logits(logits.float())
+    with torch.no_grad():  # a statistic: in row chunks, so its [rows, len, vocab] temporaries stay small
+        chunks = logits.detach().split(_rows_per_chunk(logits))
+        return logprobs, torch.cat([entropy_from_logits(chunk.float()) for chunk in chunks])
 
 
 class ResponseOutput(NamedTuple):
@@ -205,27 +333,24 @@ def response_forward(
     temperature: float,
     value_head: Optional[nn.Module] = None,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> ResponseOutput:
     """Log-probs (of ``logits / temperature``), values and entropy of the tokens after the prompt.
 
-    The LM head runs on the response positions only, and the value head on the same hidden states.
+    The LM head runs on the response positions only, and the value head on the same hidden states. The
+    entropy (a full pass over the vocabulary) is computed without a graph unless ``entropy_grad``.
     """
     backbone, lm_head = backbone_and_head(model)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
         use_cache=False,
     ).last_hidden_state[:, context_length - 1 : -1]
-    logits = lm_head(hidden) / temperature
-    responses = input_ids[:, context_length:]
-    logprobs = token_logprobs(logits, responses)
+    logprobs, entropy = head_logprobs(
+        hidden, lm_head, input_ids[:, context_length:], temperature, with_entropy, entropy_grad
+    )
     values = None
     if value_head is not None:
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    entropy = None
-    if with_entropy:
-        from lit_rlhf.ppo import entropy_from_logits
-
-        entropy = entropy_from_logits(logits.float())
     return ResponseOutput(logprobs, values, entropy)
 
 
@@ -239,10 +364,11 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
-        with_entropy: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False,
     ) -> ResponseOutput:
         return response_forward(
-            self.model, input_ids, attention_mask, context_length, temperature, self.value_head, with_entropy
+            self.model, input_ids, attention_mask, context_length, temperature, self.value_head, with_entropy,
+            entropy_grad,
         )
 
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 
 from lit_rlhf import ppo as ppo_math
+from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
     DType, PolicyConfig, Quantization, SequenceClassifierReward, freeze, import_reward_function,
     init_value_head_from_reward, load_causal_lm, load_policy, load_tokenizer, response_forward,
@@ -174,6 +175,7 @@ class PPOModule(L.LightningModule):
         generation: SamplingConfig = SamplingConfig(),
         ppo: PPOConfig = PPOConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
+        release_host_memory: bool = True,
     ) -> None:
         """
         Args:
@@ -183,6 +185,8 @@ class PPOModule(L.LightningModule):
             generation: Sampling settings of the rollouts.
             ppo: PPO hyper-parameters.
             optimizer: Optimizer and learning-rate schedule.
+            release_host_memory: On CPU, have glibc return large freed blocks to the system at once
+                (``mallopt`` mmap threshold of 4 MiB); lowers peak resident memory. Process-wide.
         """
         super().__init__()
         if (reward.model_name_or_path is None) == (reward.function is None):
@@ -195,10 +199,12 @@ class PPOModule(L.LightningModule):
         self.save_hyperparameters({
             "policy": asdict(policy), "reward": asdict(reward), "reference": asdict(reference),
             "generation": asdict(generation), "ppo": asdict(ppo), "optimizer": asdict(optimizer),
+            "release_host_memory": release_host_memory,
         })
         # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
+        self.release_host_memory = release_host_memory
         self.automatic_optimization = False
         self.score_moments = ppo_math.RunningMoments()
         self.iteration = 0  # PPO iterations done
@@ -278,6 +284,8 @@ class PPOModule(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.release_host_memory and strategy.root_device.type == "cpu":
+            mmap_large_allocations()
         if isinstance(strategy, DeepSpeedStrategy):
             # The DeepSpeed engine owns gradient accumulation and clipping: its accumulation boundary is
             # Lightning's accumulate_grad_batches (1 under manual optimization), and it clips in engine.step().
@@ -363,7 +371,7 @@ class PPOModule(L.LightningModule):
         mask = response_mask(responses, self.stop_token_id)
         query_responses = torch.cat([queries, responses], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-        out = self.policy(query_responses, attention_mask, context_length, sampling.temperature, with_entropy=True)
+        out = self.policy(query_responses, attention_mask, context_length, sampling.temperature)
         ref_logprobs = self.reference_logprobs(query_responses, attention_mask, context_length)
 
         lengths = mask.sum(1).long()
@@ -396,7 +404,8 @@ class PPOModule(L.LightningModule):
         non_score_reward = (-self.kl_controller.value * kl).sum(1).mean()
         stats = {
             "objective/kl": sequence_kl,
-            "objective/entropy": (out.entropy * mask).sum(1).mean(),
+            # TRL's definition: the sampled tokens' negative log-probs, summed per response (no vocabulary pass)
+            "objective/entropy": (-out.logprobs * mask).sum(1).mean(),
             "objective/non_score_reward": non_score_reward,
             "objective/rlhf_reward": scores.mean() + non_score_reward,
             "objective/scores": scores.mean(),
@@ -484,7 +493,8 @@ class PPOModule(L.LightningModule):
         response_len = input_ids.shape[1] - context_length
         mask = rollout.mask[index, :response_len]
         out = self.policy(
-            input_ids, attention_mask, context_length, self.sampling.temperature, with_entropy=True
+            input_ids, attention_mask, context_length, self.sampling.temperature, with_entropy=True,
+            entropy_grad=hp.ent_coef != 0,  # otherwise only a statistic: no graph, no backward through it
         )
         pg_loss, pg_stats = ppo_math.policy_loss(
             out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len], mask,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -38,6 +38,54 @@ def response_mask(responses: Tensor, stop_token_id: int) -> Tensor:
 
 
 @torch.no_grad()
+def sampling_distribution(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Next-token probabilities ``[batch, vocab]`` after temperature, top-k and top-p (nucleus) filtering.
+
+    Top-p keeps the most likely tokens whose cumulative probability reaches ``top_p`` (at least one), as
+    Hugging Face's ``TopPLogitsWarper`` does.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample_categorical(probs: Tensor) -> Tensor:
+    """One draw per row of ``probs`` ``[batch, vocab]`` by inverse CDF: one uniform number per row.
+
+    The same distribution as ``torch.multinomial(probs, 1)``, which on CPU draws an exponential variate for
+    every vocabulary entry and dominates the time of a decoding step for small models.
+    """
+    cdf = probs.cumsum(-1)
+    uniform = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype)  # in (0, 1]
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)
+
+
+class _SampleNextToken(LogitsProcessor):
+    """Draws the next token itself and returns scores whose argmax is that token.
+
+    Run inside a greedy ``generate`` this samples from :func:`sampling_distribution` while Hugging Face
+    keeps doing everything else (KV cache, stop tokens, padding of finished rows, synced ranks).
+    """
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = sampling_distribution(scores, self.config.temperature, self.config.top_k, self.config.top_p)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, sample_categorical(probs), 0.0)
+
+
 def sample_responses(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: SamplingConfig,
     stop_token_id: int, pad_token_id: int, synced_gpus: bool = False,
@@ -45,17 +93,16 @@ def sample_responses(
     """Sample responses to left-padded prompts; returns ``[batch, len]`` padded after the stop token.
 
     ``synced_gpus`` keeps this rank stepping until every rank has finished (needed when weights are sharded).
-
     The sampling settings are given in full, so a checkpoint's own ``generation_config`` (repetition
     penalty, default top-k) cannot silently change the distribution the log-probs are computed for.
     """
     generation_config = GenerationConfig(
-        do_sample=True, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        top_k=config.top_k, top_p=config.top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
+        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, eos_token_id=stop_token_id,
+        pad_token_id=pad_token_id, temperature=None, top_k=None, top_p=None, repetition_penalty=1.0,
     )
     sequences = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-        synced_gpus=synced_gpus,
+        logits_processor=LogitsProcessorList([_SampleNextToken(config)]), synced_gpus=synced_gpus,
     )
     responses = sequences[:, input_ids.shape[1] :]
     mask = response_mask(responses, stop_token_id)
