@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 
@@ -284,7 +285,7 @@ class PPOModule(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
-        if self.release_host_memory and strategy.root_device.type == "cpu":
+        if self.release_host_memory and isinstance(self.trainer.accelerator, CPUAccelerator):
             mmap_large_allocations()
         if isinstance(strategy, DeepSpeedStrategy):
             # The DeepSpeed engine owns gradient accumulation and clipping: its accumulation boundary is

@@ -35,7 +35,7 @@ def recipe_strategy(name: str) -> Strategy:
 
 def with_strategy(module, strategy: Strategy):
     """Attach a stand-in trainer holding ``strategy`` (Lightning would not build FSDP/DeepSpeed on a CPU)."""
-    module._trainer = SimpleNamespace(strategy=strategy, world_size=1)
+    module._trainer = SimpleNamespace(strategy=strategy, world_size=1, accelerator=None)
     return module
 
 
