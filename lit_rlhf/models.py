@@ -190,6 +190,12 @@ def _rows_per_chunk(logits: Tensor) -> int:
     return max(1, _CHUNK_ELEMENTS // max(logits[0].numel(), 1))
 
 
+def _logprob_grad(logits: Tensor, log_normalizer: Tensor, tokens: Tensor, grad: Tensor) -> Tensor:
+    """``grad * d logp[tokens] / d logits`` in float32: ``grad * (onehot(tokens) - softmax(logits))``."""
+    grad_logits = (logits.to(log_normalizer.dtype) - log_normalizer.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+    return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """``log softmax(logits)[tokens]``, computed in float32 in row chunks with a lean backward.
 
@@ -211,9 +217,7 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = _rows_per_chunk(logits)
         for out, chunk, token, lse, g in zip(grad_logits.split(rows), logits.split(rows), tokens.split(rows),
                                              log_normalizer.split(rows), grad.split(rows)):
-            # d logp[t] / d logits = onehot(t) - softmax(logits)
-            chunk_grad = (chunk.to(lse.dtype) - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
-            out.copy_(chunk_grad.scatter_add_(-1, token.unsqueeze(-1), g.unsqueeze(-1)))
+            out.copy_(_logprob_grad(chunk, lse, token, g))
         return grad_logits, None
 
 
@@ -270,11 +274,8 @@ class _HeadTokenLogprobs(torch.autograd.Function):
         with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_enabled):
             for index, (h, t, lse, g) in enumerate(zip(hidden.split(rows), tokens.split(rows),
                                                        normalizers.split(rows), grad.split(rows))):
-                # d logp[t] / d logits = onehot(t) - softmax(logits); then through "/ temperature"
-                logits = _head_logits(h, weight, bias, ctx.temperature)
-                grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
-                grad_logits.scatter_add_(-1, t.unsqueeze(-1), g.unsqueeze(-1))
-                if ctx.temperature != 1.0:
+                grad_logits = _logprob_grad(_head_logits(h, weight, bias, ctx.temperature), lse, t, g)
+                if ctx.temperature != 1.0:  # through "/ temperature"
                     grad_logits /= ctx.temperature
                 if need_hidden:
                     part = torch.matmul(grad_logits.to(weight.dtype), weight)
