@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 SYSTEMS = ("lit-rlhf", "trl", "generate")
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The workload: models, tokenizer and prompts, saved with save_pretrained like any checkpoint
 def build_workload(args: argparse.Namespace, directory: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from lit_rlhf.tiny import SPECIAL_TOKENS, build_word_tokenizer
 
     spec = {k: getattr(args, k) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                                           "vocab_size", "batch_size", "prompt_tokens", "response_tokens",
@@ -70,13 +70,8 @@ def build_workload(args: argparse.Namespace, directory: Path) -> None:
     if (directory / "workload.json").exists() and json.loads((directory / "workload.json").read_text()) == spec:
         return  # built by an earlier run with the same settings
     directory.mkdir(parents=True, exist_ok=True)
-    words = SPECIAL_TOKENS + [f"w{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
+    words = list(SPECIAL_TOKENS) + [f"w{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS))]
+    tokenizer = build_word_tokenizer(words=words)
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,

@@ -186,8 +186,9 @@ def position_ids_from(attention_mask: Tensor) -> Tensor:
 _CHUNK_ELEMENTS = 2**22  # logits elements per chunk of the vocabulary-wide statistics (16 MiB in float32)
 
 
-def _rows_per_chunk(logits: Tensor) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(logits[0].numel(), 1))
+def _rows_per_chunk(elements_per_row: int) -> int:
+    """Rows of a ``[rows, len, vocab]`` tensor per chunk of at most ``_CHUNK_ELEMENTS`` elements."""
+    return max(1, _CHUNK_ELEMENTS // max(elements_per_row, 1))
 
 
 def _logprob_grad(logits: Tensor, log_normalizer: Tensor, tokens: Tensor, grad: Tensor) -> Tensor:
@@ -206,7 +207,8 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        log_normalizer = torch.cat([chunk.to(dtype).logsumexp(-1) for chunk in logits.split(_rows_per_chunk(logits))])
+        chunks = logits.split(_rows_per_chunk(logits[0].numel()))
+        log_normalizer = torch.cat([chunk.to(dtype).logsumexp(-1) for chunk in chunks])
         ctx.save_for_backward(logits, tokens, log_normalizer)
         return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).to(dtype) - log_normalizer
 
@@ -214,7 +216,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, tokens, log_normalizer = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        rows = _rows_per_chunk(logits)
+        rows = _rows_per_chunk(logits[0].numel())
         for out, chunk, token, lse, g in zip(grad_logits.split(rows), logits.split(rows), tokens.split(rows),
                                              log_normalizer.split(rows), grad.split(rows)):
             out.copy_(_logprob_grad(chunk, lse, token, g))
@@ -244,7 +246,7 @@ class _HeadTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
         from lit_rlhf.ppo import entropy_from_logits
 
-        rows = max(1, _CHUNK_ELEMENTS // max(hidden.shape[1] * weight.shape[0], 1))
+        rows = _rows_per_chunk(hidden.shape[1] * weight.shape[0])
         logprobs, normalizers, entropies = [], [], []
         for h, t in zip(hidden.split(rows), tokens.split(rows)):
             logits = _head_logits(h, weight, bias, temperature)
@@ -314,7 +316,7 @@ def head_logprobs(
     if entropy_grad and torch.is_grad_enabled():
         return logprobs, entropy_from_logits(logits.float())
     with torch.no_grad():  # a statistic: in row chunks, so its [rows, len, vocab] temporaries stay small
-        chunks = logits.detach().split(_rows_per_chunk(logits))
+        chunks = logits.detach().split(_rows_per_chunk(logits[0].numel()))
         return logprobs, torch.cat([entropy_from_logits(chunk.float()) for chunk in chunks])
 
 

@@ -340,7 +340,7 @@ class PPOModule(L.LightningModule):
         train_stats = self.ppo_update(rollout)
         train_seconds = time.perf_counter() - start - rollout_seconds
         # every rank updates its controller with the same global KL, so the coefficients stay equal
-        global_kl = float(self._all_reduce_sum(rollout.stats["objective/kl"].detach()) / self.trainer.world_size)
+        global_kl = float(self._mean_over_ranks(rollout.stats["objective/kl"].detach()))
         self.kl_controller.update(global_kl, n_steps=rollout.mask.shape[0] * self.trainer.world_size)
         self.iteration += 1
         self.latest_rollout, self.latest_samples = rollout, rollout.samples()
@@ -479,8 +479,7 @@ class PPOModule(L.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             if hp.target_kl is not None:  # decided on the mean over ranks, so all ranks stop together
-                approx_kl = self._all_reduce_sum(torch.stack(epoch_approx_kl).mean()) / self.trainer.world_size
-                if approx_kl > hp.target_kl:
+                if self._mean_over_ranks(torch.stack(epoch_approx_kl).mean()) > hp.target_kl:
                     break
         self.policy.eval()
         return {name: torch.stack(values).mean() for name, values in history.items()}
@@ -593,6 +592,10 @@ class PPOModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return values
         return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+        """Mean of ``value`` over all ranks (``value`` itself in a single-process run)."""
+        return self._all_reduce_sum(value) / (self.trainer.world_size if self._trainer is not None else 1)
 
     def _clip_gradient_norm(self, optimizer: Any) -> None:
         """Clip the global gradient norm to ``ppo.max_grad_norm`` the way the strategy requires."""

@@ -28,30 +28,35 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     return (x * mask).sum(dim) / mask.sum(dim)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of the masked entries of ``x``, Bessel-corrected when ``unbiased``."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        if count < 2:
-            raise ValueError("masked_var needs at least two unmasked entries for an unbiased variance")
-        var = var * count / (count - 1)
-    return var
+def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, all_reduce: AllReduceSum) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the masked entries of ``x``; ``all_reduce`` sums partial sums across processes."""
+    total = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    count = total[1]
+    mean = total[0] / count
+    squares = all_reduce(((x - mean) ** 2 * mask).sum())
+    if not unbiased:
+        return mean, squares / count
+    if count < 2:
+        raise ValueError("masked_var needs at least two unmasked entries for an unbiased variance")
+    return mean, squares / (count - 1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_reduce: AllReduceSum = _no_reduce) -> Tensor:
+    """Variance of the masked entries of ``x``, Bessel-corrected when ``unbiased``.
+
+    ``all_reduce`` sums a tensor across processes, so that data-parallel ranks get the variance of the
+    whole batch; the default is one process.
+    """
+    return _masked_moments(x, mask, unbiased, all_reduce)[1]
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce: AllReduceSum = _no_reduce) -> Tensor:
     """Normalize the masked entries to unit variance (and zero mean when ``shift_mean``).
 
-    Masked-out positions of the result are 0. ``all_reduce`` sums a tensor across processes, so that
-    data-parallel ranks whiten with the statistics of the whole batch; the default is one process.
+    Masked-out positions of the result are 0. The statistics are those of :func:`masked_var`, over all
+    processes with ``all_reduce``.
     """
-    total = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
-    mean = total[0] / total[1]
-    squares, count = all_reduce(((x - mean) ** 2 * mask).sum()), total[1]
-    if count < 2:
-        raise ValueError("masked_whiten needs at least two unmasked entries")
-    var = squares / (count - 1)
+    mean, var = _masked_moments(x, mask, True, all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -60,9 +60,12 @@ def vocabulary() -> list[str]:
     return words
 
 
-def build_word_tokenizer(pad_token: Optional[str] = "<pad>") -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over :func:`vocabulary`, with a trivial chat template."""
-    words = vocabulary()
+def build_word_tokenizer(
+    pad_token: Optional[str] = "<pad>", words: Optional[list[str]] = None
+) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``words`` (default :func:`vocabulary`; the special tokens
+    come first), with a trivial chat template."""
+    words = vocabulary() if words is None else words
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
