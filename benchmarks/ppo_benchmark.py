@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ppo-epochs", type=int, default=1)
     parser.add_argument("--num-minibatches", type=int, default=1)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="lit-rlhf: recompute activations in the backward pass (model.policy.gradient_checkpointing)")
     parser.add_argument("--warmup", type=int, default=2, help="iterations run before timing starts")
     parser.add_argument("--iterations", type=int, default=8, help="timed iterations (medians are reported)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -174,7 +176,8 @@ def run_lit_rlhf(args, directory: Path) -> dict:
             })
 
     module = PPOModule(
-        policy=PolicyConfig(str(directory / "policy"), dtype="float32", lora_r=args.lora_r, lora_alpha=2 * args.lora_r),
+        policy=PolicyConfig(str(directory / "policy"), dtype="float32", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                            gradient_checkpointing=args.gradient_checkpointing),
         reward=RewardConfig(model_name_or_path=str(directory / "reward")),
         generation=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0),
         ppo=PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches),

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_rlhf.models import load_tokenizer
@@ -115,7 +116,8 @@ class PromptDataModule(L.LightningDataModule):
             split: Split to read from a dataset with several.
             batch_size: Prompts per PPO iteration (per device).
             max_prompt_length: Longest prompt in tokens; longer prompts are an error unless truncated.
-            truncate_prompts: Keep the last ``max_prompt_length`` tokens of longer prompts instead of failing.
+            truncate_prompts: Shorten longer prompts instead of failing: their text loses its first tokens (the
+                chat template and special tokens stay whole), and the reward sees the shortened text too.
             apply_chat_template: Wrap each prompt as a user turn with the tokenizer's chat template.
             shuffle: Shuffle prompts each epoch.
             seed: Seed of the shuffling (each epoch's order depends only on it and the epoch).
@@ -147,27 +149,54 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.path={hp.path!r} has {len(prompts)} prompts, fewer than data.batch_size={hp.batch_size}: "
                 "lower the batch size or add prompts"
             )
-        if hp.apply_chat_template:
-            if tokenizer.chat_template is None:
-                raise ValueError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
-            texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-        else:
-            texts = prompts
-        encoded = tokenizer(texts, add_special_tokens=not hp.apply_chat_template)["input_ids"]
-        for prompt, ids in zip(prompts, encoded):
+        if hp.apply_chat_template and tokenizer.chat_template is None:
+            raise ValueError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
+        truncated = 0
+        for prompt in prompts:
+            ids = self._encode(tokenizer, prompt)
             if len(ids) > hp.max_prompt_length:
                 if not hp.truncate_prompts:
                     raise ValueError(
                         f"A prompt has {len(ids)} tokens, more than data.max_prompt_length={hp.max_prompt_length}: "
                         f"raise max_prompt_length or set data.truncate_prompts=true. Prompt: {prompt[:80]!r}"
                     )
-                ids = ids[-hp.max_prompt_length :]
+                prompt, ids = self._truncate(tokenizer, prompt, len(ids))
+                truncated += 1
             if not ids:
                 raise ValueError(f"A prompt tokenizes to no tokens: {prompt!r}; remove empty prompts from the data")
             self.examples.append({"prompt": prompt, "input_ids": ids})
+        if truncated:
+            rank_zero_warn(
+                f"{truncated} of {len(prompts)} prompts were longer than data.max_prompt_length="
+                f"{hp.max_prompt_length} tokens and were cut to their last tokens (data.truncate_prompts)"
+            )
+
+    def _encode(self, tokenizer, prompt: str) -> list[int]:
+        """The token ids the policy sees for ``prompt``: as a chat user turn or as plain text."""
+        if self.hparams.apply_chat_template:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+        return tokenizer(prompt)["input_ids"]
+
+    def _truncate(self, tokenizer, prompt: str, length: int) -> tuple[str, list[int]]:
+        """Cut the start of ``prompt``'s text (never the chat template or special tokens) until it fits.
+
+        Returns the shortened text, which the reward also sees, and its token ids.
+        """
+        limit = self.hparams.max_prompt_length
+        content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        keep = len(content) - (length - limit)
+        while keep > 0:
+            text = tokenizer.decode(content[-keep:], skip_special_tokens=True).strip()
+            ids = self._encode(tokenizer, text)
+            if len(ids) <= limit:
+                return text, ids
+            keep -= len(ids) - limit  # decoding and re-encoding can merge or split tokens at the cut
+        raise ValueError(
+            f"data.max_prompt_length={limit} leaves no room for the prompt text once the chat template and special "
+            "tokens are added: raise max_prompt_length"
+        )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = left_pad([e["input_ids"] for e in examples], self.pad_token_id)

@@ -63,6 +63,9 @@ class PolicyConfig:
     """Std of the value head's normal init; 0 starts it at zero (values 0 before any update)."""
     value_head_from_reward: bool = False
     """Initialize the value head from the reward model's score head (hidden sizes must match)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
+    in the PPO passes for about one more forward."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -228,10 +231,56 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return _TokenLogprobs.apply(logits, tokens)
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
+class LogitTransform(NamedTuple):
+    """What a model does to its LM head's output before the softmax: ``softcap * tanh(scale * z / softcap)``.
+
+    Gemma 2/3 soft-cap their logits (``final_logit_softcapping``), Granite divides them (``logits_scaling``),
+    Cohere multiplies them (``logit_scale``). Log-probs must use the same logits that ``generate`` samples from.
+    """
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, config) -> "LogitTransform":
+        """The transform a ``transformers`` config asks for (the identity for most architectures)."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = 1.0
+        if getattr(config, "logits_scaling", None):
+            scale /= float(config.logits_scaling)
+        if getattr(config, "logit_scale", None):
+            scale *= float(config.logit_scale)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        return cls(scale, float(softcap) if softcap else None)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def backward(self, grad: Tensor, transformed: Tensor) -> Tensor:
+        """The gradient with respect to the raw head output, given the one with respect to ``apply``'s result."""
+        if self.softcap is not None:
+            grad = grad * (1 - (transformed / self.softcap) ** 2)
+        return grad * self.scale if self.scale != 1.0 else grad
+
+
+IDENTITY = LogitTransform()
+
+
+def _head_logits(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], transform: LogitTransform = IDENTITY
+) -> Tensor:
+    """The model's logits (before temperature) in at least float32."""
     # a 2-D matmul: on a strided 3-D slice, linear would fall back to a batched matmul with copies of the weight
     logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     logits = logits.view(*hidden.shape[:-1], -1).to(torch.promote_types(logits.dtype, torch.float32))
+    return transform.apply(logits)
+
+
+def _with_temperature(logits: Tensor, temperature: float) -> Tensor:
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -243,20 +292,20 @@ class _HeadTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy, transform):
         from lit_rlhf.ppo import entropy_from_logits
 
         rows = _rows_per_chunk(hidden.shape[1] * weight.shape[0])
         logprobs, normalizers, entropies = [], [], []
         for h, t in zip(hidden.split(rows), tokens.split(rows)):
-            logits = _head_logits(h, weight, bias, temperature)
+            logits = _with_temperature(_head_logits(h, weight, bias, transform), temperature)
             lse = logits.logsumexp(-1)
             logprobs.append(logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse)
             normalizers.append(lse)
             if with_entropy:
                 entropies.append(entropy_from_logits(logits))
         device = hidden.device.type
-        ctx.rows, ctx.temperature = rows, temperature
+        ctx.rows, ctx.temperature, ctx.transform = rows, temperature, transform
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(hidden, weight, bias, tokens, torch.cat(normalizers))
         entropy = torch.cat(entropies) if with_entropy else hidden.new_zeros(0)
@@ -276,9 +325,11 @@ class _HeadTokenLogprobs(torch.autograd.Function):
         with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_enabled):
             for index, (h, t, lse, g) in enumerate(zip(hidden.split(rows), tokens.split(rows),
                                                        normalizers.split(rows), grad.split(rows))):
-                grad_logits = _logprob_grad(_head_logits(h, weight, bias, ctx.temperature), lse, t, g)
+                transformed = _head_logits(h, weight, bias, ctx.transform)
+                grad_logits = _logprob_grad(_with_temperature(transformed, ctx.temperature), lse, t, g)
                 if ctx.temperature != 1.0:  # through "/ temperature"
                     grad_logits /= ctx.temperature
+                grad_logits = ctx.transform.backward(grad_logits, transformed)  # through the model's own transform
                 if need_hidden:
                     part = torch.matmul(grad_logits.to(weight.dtype), weight)
                     grad_hidden[index * rows : index * rows + h.shape[0]] = part.to(hidden.dtype)
@@ -288,14 +339,14 @@ class _HeadTokenLogprobs(torch.autograd.Function):
                     grad_bias += grad_logits.flatten(0, -2).sum(0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def head_logprobs(
     hidden: Tensor, lm_head: nn.Module, tokens: Tensor, temperature: float, with_entropy: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, transform: LogitTransform = IDENTITY,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Log-probs of ``tokens`` under ``lm_head(hidden) / temperature``, and optionally the entropy.
+    """Log-probs of ``tokens`` under ``transform(lm_head(hidden)) / temperature``, optionally the entropy.
 
     A plain linear head goes through the chunked :class:`_HeadTokenLogprobs`; other heads (quantized,
     adapted) materialize the logits. The entropy has a graph only with ``entropy_grad`` (an entropy bonus).
@@ -304,12 +355,10 @@ def head_logprobs(
 
     if type(lm_head) is nn.Linear and not (with_entropy and entropy_grad):
         logprobs, entropy = _HeadTokenLogprobs.apply(
-            hidden, lm_head.weight, lm_head.bias, tokens, temperature, with_entropy
+            hidden, lm_head.weight, lm_head.bias, tokens, temperature, with_entropy, transform
         )
         return logprobs, entropy if with_entropy else None
-    logits = lm_head(hidden)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _with_temperature(transform.apply(lm_head(hidden)), temperature)
     logprobs = token_logprobs(logits, tokens)
     if not with_entropy:
         return logprobs, None
@@ -349,7 +398,8 @@ def response_forward(
         use_cache=False,
     ).last_hidden_state[:, context_length - 1 : -1]
     logprobs, entropy = head_logprobs(
-        hidden, lm_head, input_ids[:, context_length:], temperature, with_entropy, entropy_grad
+        hidden, lm_head, input_ids[:, context_length:], temperature, with_entropy, entropy_grad,
+        LogitTransform.of(model.config),
     )
     values = None
     if value_head is not None:
@@ -358,7 +408,11 @@ def response_forward(
 
 
 class PolicyWithValueHead(nn.Module):
-    """A LoRA-adapted causal LM plus a scalar value head on its last hidden state."""
+    """A LoRA-adapted causal LM plus a scalar value head on its last hidden state.
+
+    Every use of the weights goes through one of three entry points (``forward``, ``reference_logprobs``,
+    ``generate``), so that a strategy sharding this module (FSDP2) can gather its weights around each.
+    """
 
     def __init__(self, model: PeftModel, value_head: nn.Linear) -> None:
         super().__init__()
@@ -369,10 +423,35 @@ class PolicyWithValueHead(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
         with_entropy: bool = False, entropy_grad: bool = False,
     ) -> ResponseOutput:
+        """Log-probs, values (and entropy) of the response tokens under the adapted policy."""
         return response_forward(
             self.model, input_ids, attention_mask, context_length, temperature, self.value_head, with_entropy,
             entropy_grad,
         )
+
+    def reference_logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float
+    ) -> Tensor:
+        """Log-probs of the response tokens under the frozen base model: the default reference policy."""
+        with self.adapter_disabled():
+            return response_forward(self.model, input_ids, attention_mask, context_length, temperature).logprobs
+
+    def generate(self, **kwargs) -> Tensor:
+        """``generate`` of the adapted causal LM."""
+        return self.model.generate(**kwargs)
+
+    def train(self, mode: bool = True) -> "PolicyWithValueHead":
+        """Set training mode everywhere except in bitsandbytes' quantized layers, which stay in eval mode.
+
+        Those pick their matmul by mode on CPU (int8 activations in eval, dequantized weights in training):
+        rollouts run in eval mode, and the PPO passes must compute the very same log-probs. They hold no
+        trained weights, and dropout is off by probability (:func:`disable_dropout`), not by mode.
+        """
+        super().train(mode)
+        for module in self.modules():
+            if type(module).__module__.startswith("bitsandbytes"):
+                module.training = False
+        return self
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -380,13 +459,48 @@ class PolicyWithValueHead(nn.Module):
         with self.model.disable_adapter():
             yield
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the adapter in peft format and the value head as ``value_head.safetensors``."""
+    def save_pretrained(self, directory: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Save the adapter in peft format and the value head as ``value_head.safetensors``.
+
+        Sharded weights are gathered first, so under FSDP2 every rank must call this; only the main
+        process writes.
+        """
         from safetensors.torch import save_file
 
-        self.model.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
-        save_file(state, os.path.join(directory, "value_head.safetensors"))
+        from lit_rlhf.sharding import full_tensor
+
+        def gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()}
+
+        adapter = gathered({k: v for k, v in self.model.state_dict().items() if "lora_" in k})
+        head = gathered(self.value_head.state_dict())
+        if is_main_process:
+            self.model.save_pretrained(directory, state_dict=adapter)
+            save_file(head, os.path.join(directory, "value_head.safetensors"))
+
+
+_STOCHASTIC_SETTINGS = ("dropout", "pdrop", "layerdrop", "jitter")  # dropout, GPT-2's *_pdrop, OPT, Mixtral
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Turn off everything random in ``model``'s forward while leaving it in training mode.
+
+    Zeroes dropout modules and every float setting named like dropout, layer drop or router jitter, on the
+    modules and on their configs (Falcon reads its dropout from the config at each forward). Unlike
+    ``eval()``, this keeps training mode, where ``transformers`` applies gradient checkpointing. Returns
+    how many settings were non-zero.
+    """
+    changed = 0
+    owners = list(model.modules()) + list({id(c): c for m in model.modules() if (c := vars(m).get("config")) is not None}.values())
+    for owner in owners:
+        if isinstance(owner, nn.Dropout):
+            changed += owner.p != 0
+            owner.p = 0.0
+        for name, value in list(vars(owner).items()):
+            if any(key in name for key in _STOCHASTIC_SETTINGS) and type(value) is float:
+                changed += value != 0
+                setattr(owner, name, 0.0)
+    return changed
 
 
 def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> PolicyWithValueHead:
@@ -410,6 +524,9 @@ def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> 
         model = get_peft_model(base, lora)
     except ValueError as err:
         raise ValueError(f"policy.lora_target_modules={targets}: {err}") from err
+    if config.gradient_checkpointing:
+        # non-reentrant: works with a frozen base (no input that requires grad) and with sharded weights
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden_size = base.get_output_embeddings().in_features
     value_head = nn.Linear(hidden_size, 1)
     if config.value_head_init_std > 0:
@@ -417,7 +534,45 @@ def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> 
     else:
         nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
+    check_logprobs_match_model(model, config.model_name_or_path)
     return PolicyWithValueHead(model, value_head)
+
+
+@torch.no_grad()
+def check_logprobs_match_model(model: nn.Module, name: str, length: int = 8) -> float:
+    """Compare :func:`response_forward`'s log-probs with ``log_softmax`` of the model's own logits.
+
+    The model's forward is what ``generate`` samples from; lit-rlhf computes log-probs from the backbone's
+    hidden states and the LM head (plus the :class:`LogitTransform` its config names). An architecture
+    that transforms its logits some other way would make the PPO ratio, the KL and the entropy refer
+    to another distribution than the sampled one: refuse it at load time. Returns the largest difference.
+    """
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    vocab = embeddings.num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        context = length // 2
+        expected = logits[:, context - 1 : -1].log_softmax(-1).gather(-1, input_ids[:, context:, None]).squeeze(-1)
+        ours = response_forward(model, input_ids, attention_mask, context, temperature=1.0).logprobs
+    finally:
+        model.train(was_training)
+    difference = float((ours - expected).abs().max())
+    full_precision = embeddings.weight.dtype == torch.float32 and not getattr(model, "is_quantized", False)
+    tolerance = 1e-3 if full_precision else 0.25
+    if not difference <= tolerance:
+        raise ValueError(
+            f"policy.model_name_or_path={name!r}: its logits differ from what lit-rlhf computes from its hidden "
+            f"states and LM head by up to {difference:.3g} nats (architecture {model.config.model_type!r}), so "
+            "PPO would train on another distribution than the one it samples. This architecture transforms its "
+            "logits in a way lit-rlhf does not know yet: please report it"
+        )
+    return difference
 
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]

@@ -8,23 +8,26 @@ import resource
 import time
 import warnings
 from collections import defaultdict
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
-    DType, PolicyConfig, Quantization, SequenceClassifierReward, freeze, import_reward_function,
+    DType, PolicyConfig, Quantization, SequenceClassifierReward, disable_dropout, freeze, import_reward_function,
     init_value_head_from_reward, load_causal_lm, load_policy, load_tokenizer, response_forward,
 )
-from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, trim_padding
+from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, stop_token_ids, trim_padding
+from lit_rlhf.sharding import shard_policy
 
 # Frozen models and the policy are kept in eval mode on purpose: dropout stays off in rollouts and PPO passes.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -111,7 +114,8 @@ class PPOConfig:
     target_kl: Optional[float] = None
     """Stop the PPO epochs of an iteration early once the mean approx KL exceeds this."""
     disable_dropout: bool = True
-    """Keep dropout off in PPO passes too (rollouts never use it)."""
+    """Set every dropout probability of the policy to 0, so PPO passes compute the same log-probs as the
+    rollout did (rollouts never use dropout). The PPO passes run in training mode either way."""
     max_consecutive_skips: int = 5
     """Optimizer steps are skipped (with a warning) when the loss or a gradient is NaN/inf; after this many
     skips in a row the run stops with an error and a checkpoint of the last good state."""
@@ -212,7 +216,8 @@ class PPOModule(L.LightningModule):
         self.skipped_updates, self.consecutive_skips = 0, 0
         self.latest_rollout: Optional[Rollout] = None  # for callbacks and debugging
         self.latest_samples: dict[str, list] = {}
-        self.strict_loading = False  # checkpoints hold only the trained weights, not the frozen base
+        # checkpoints hold only the trained weights (see state_dict); which ones is checked on load
+        self.strict_loading = False
         self.policy = None
         # The separate reference and the reward model live outside the module tree: strategies (DDP, FSDP,
         # DeepSpeed) then neither broadcast, shard nor wrap them, and Lightning's train() leaves them in eval
@@ -231,8 +236,15 @@ class PPOModule(L.LightningModule):
             return
         policy_cfg, reward_cfg, reference_cfg = self.policy_config, self.reward_config, self.reference_config
         device = self._trainer.strategy.root_device if self._trainer is not None else None
+        if self.device_mesh is not None and policy_cfg.quantization is not None:
+            raise ValueError(
+                "policy.quantization cannot be combined with sharding (ModelParallelStrategy): FSDP2 does not "
+                "shard bitsandbytes weights. Use DDP with a quantized policy, or shard an unquantized one"
+            )
         self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
         self.policy = load_policy(policy_cfg, device)
+        if self.ppo_config.disable_dropout:
+            disable_dropout(self.policy)
         vocab_size = self.policy.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab_size:
             raise ValueError(
@@ -256,15 +268,10 @@ class PPOModule(L.LightningModule):
             if self.reward_model is None:
                 raise ValueError("policy.value_head_from_reward needs reward.model_name_or_path, not a reward function")
             init_value_head_from_reward(self.policy.value_head, self.reward_model)
-        stop = self.sampling.stop_token
-        if stop is None:
-            self.stop_token_id = self.tokenizer.eos_token_id
-        else:
-            self.stop_token_id = self.tokenizer.convert_tokens_to_ids(stop)
-            if self.stop_token_id is None or self.stop_token_id == self.tokenizer.unk_token_id:
-                raise ValueError(f"generation.stop_token={stop!r} is not a token of the policy's tokenizer")
-        if self.stop_token_id is None:
-            raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_token")
+        checkpoint_eos = getattr(self.policy.model.get_base_model().generation_config, "eos_token_id", None)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard the policy with FSDP2 over the mesh
+            shard_policy(self.policy, self.device_mesh)
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -287,7 +294,14 @@ class PPOModule(L.LightningModule):
             strategy.checkpoint_io = AtomicCheckpointIO()
         if self.release_host_memory and isinstance(self.trainer.accelerator, CPUAccelerator):
             mmap_large_allocations()
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                "trainer.strategy: FSDPStrategy (FSDP1) runs training_step inside the wrapped module's forward, "
+                "where PPO's manual backward passes fail. Shard with FSDP2 instead: "
+                "lightning.pytorch.strategies.ModelParallelStrategy (see recipes/llama3.1-8b-fsdp2.yaml)"
+            )
         if isinstance(strategy, DeepSpeedStrategy):
+            strategy.exclude_frozen_parameters = True  # checkpoints: the trained weights, not the frozen base
             # The DeepSpeed engine owns gradient accumulation and clipping: its accumulation boundary is
             # Lightning's accumulate_grad_batches (1 under manual optimization), and it clips in engine.step().
             if strategy.zero_stage_3:
@@ -366,10 +380,10 @@ class PPOModule(L.LightningModule):
         context_length = queries.shape[1]
         self._check_sequence_length(context_length)
         responses = sample_responses(
-            self.policy.model, queries, query_mask, sampling, self.stop_token_id, self.tokenizer.pad_token_id,
+            self.policy, queries, query_mask, sampling, self.stop_token_ids, self.tokenizer.pad_token_id,
             synced_gpus=self.parameters_are_sharded(),
         )
-        mask = response_mask(responses, self.stop_token_id)
+        mask = response_mask(responses, self.stop_token_ids)
         query_responses = torch.cat([queries, responses], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
         out = self.policy(query_responses, attention_mask, context_length, sampling.temperature)
@@ -379,7 +393,8 @@ class PPOModule(L.LightningModule):
         completions = [
             self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths.tolist())
         ]
-        has_stop = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.stop_token_id
+        last_tokens = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        has_stop = torch.isin(last_tokens, torch.as_tensor(self.stop_token_ids, device=last_tokens.device))
         scores = self.score(batch["prompts"], completions, query_responses, attention_mask)
         raw_scores = scores
         if reward_cfg.missing_eos_penalty is not None:
@@ -424,8 +439,7 @@ class PPOModule(L.LightningModule):
         temperature = self.sampling.temperature
         if self.reference is not None:
             return response_forward(self.reference, input_ids, attention_mask, context_length, temperature).logprobs
-        with self.policy.adapter_disabled():
-            return response_forward(self.policy.model, input_ids, attention_mask, context_length, temperature).logprobs
+        return self.policy.reference_logprobs(input_ids, attention_mask, context_length, temperature)
 
     def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """One finite score per completion, from the reward model or the reward function."""
@@ -449,7 +463,9 @@ class PPOModule(L.LightningModule):
         """``ppo_epochs`` passes of shuffled minibatches over the rollout, one optimizer step each."""
         hp = self.ppo_config
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        self.policy.train(not hp.disable_dropout)
+        # training mode, where transformers applies gradient checkpointing; dropout is off if disable_dropout
+        # (configure_model set its probabilities to 0)
+        self.policy.train()
         batch_size = rollout.mask.shape[0]
         minibatch_size, micro_size = self._minibatch_sizes(batch_size)
         history: dict[str, list[Tensor]] = defaultdict(list)
@@ -474,8 +490,7 @@ class PPOModule(L.LightningModule):
                     self._skip_update()
                     continue
                 self.consecutive_skips = 0
-                self._clip_gradient_norm(optimizer)
-                optimizer.step()
+                optimizer.step()  # gradients are clipped in on_before_optimizer_step, after fp16 unscaling
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             if hp.target_kl is not None:  # decided on the mean over ranks, so all ranks stop together
@@ -588,39 +603,42 @@ class PPOModule(L.LightningModule):
             self._minibatch_sizes(batch_size)  # fail before the first rollout, not after it
 
     def _all_reduce_sum(self, values: Tensor) -> Tensor:
-        """Sum of ``values`` over all ranks (``values`` itself in a single-process run)."""
+        """Sum of ``values`` over all ranks (``values`` itself in a single-process run); ``values`` is left as is."""
         if self._trainer is None or self.trainer.world_size == 1:
             return values
-        return self.trainer.strategy.reduce(values, reduce_op="sum")
+        # the strategy reduces in place: a copy keeps the caller's tensor (and any view of it) unchanged
+        return self.trainer.strategy.reduce(values.clone(), reduce_op="sum")
 
     def _mean_over_ranks(self, value: Tensor) -> Tensor:
         """Mean of ``value`` over all ranks (``value`` itself in a single-process run)."""
         return self._all_reduce_sum(value) / (self.trainer.world_size if self._trainer is not None else 1)
 
-    def _clip_gradient_norm(self, optimizer: Any) -> None:
-        """Clip the global gradient norm to ``ppo.max_grad_norm`` the way the strategy requires."""
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip the global gradient norm to ``ppo.max_grad_norm``.
+
+        Lightning calls this hook inside ``optimizer.step()`` after unscaling fp16 gradients (``16-mixed``),
+        so the clip sees the true norm. DeepSpeed clips in its own step (``gradient_clipping``).
+        """
         max_norm = self.ppo_config.max_grad_norm
-        strategy = self.trainer.strategy
-        if max_norm is None or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed clips in its step
-            return
-        if isinstance(strategy, FSDPStrategy):  # sharded gradients: only the FSDP root knows the global norm
-            strategy.model.clip_grad_norm_(max_norm)
+        if max_norm is None or isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return
         self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def parameters_are_sharded(self) -> bool:
-        """Whether the strategy shards the weights themselves (FSDP, DeepSpeed ZeRO-3).
+        """Whether the strategy shards the weights themselves (FSDP2, DeepSpeed ZeRO-3).
 
         Then every forward all-gathers weights across ranks, so all ranks must keep calling the model
         during generation until the last one is done (``synced_gpus``), or the collectives hang.
         """
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy):
-            return strategy.sharding_strategy.name != "NO_SHARD"
+        if isinstance(strategy, ModelParallelStrategy):
+            return True
         return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
     def _no_gradient_sync(self) -> AbstractContextManager:
-        """Skip the cross-rank gradient all-reduce of the next backward (accumulation micro-batches)."""
+        """Skip the cross-rank gradient reduction of the next backward (accumulation micro-batches)."""
+        if hasattr(self.policy, "set_requires_gradient_sync"):  # sharded with FSDP2
+            return _fsdp_gradient_sync_off(self.policy)
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         return block() if block is not None else nullcontext()
 
@@ -630,13 +648,27 @@ class PPOModule(L.LightningModule):
             return values.flatten()
         return self.all_gather(values).flatten()
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The weights that PPO trains (LoRA and value head), as in ``state_dict()``."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
+    def state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """The weights PPO trains (LoRA and value head) and nothing else.
+
+        The frozen base comes from ``policy.model_name_or_path``: checkpoints (of every strategy) neither
+        hold nor gather it. Selected by the state dict's own tensors (``requires_grad``), so wrapper
+        prefixes in parameter names cannot drop a trained weight.
+        """
+        everything = super().state_dict(prefix=prefix, keep_vars=True)
+        trained = {
+            name: value if keep_vars else value.detach()
+            for name, value in everything.items() if isinstance(value, nn.Parameter) and value.requires_grad
+        }
+        if destination is not None:
+            destination.update(trained)
+            return destination
+        return trained
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
+        # the names of the trained weights, so that a resume can tell whether the checkpoint holds all of them
+        # even where a strategy loads the weights itself (FSDP2, DeepSpeed) and hands us only the metadata
+        checkpoint["trained_weights"] = sorted(self.state_dict())
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["score_moments"] = self.score_moments.state_dict()
         checkpoint["ppo_progress"] = {"iteration": self.iteration, "skipped_updates": self.skipped_updates}
@@ -645,8 +677,11 @@ class PPOModule(L.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),
         }
+        if "loops" in checkpoint and self._trainer is not None:
+            _resume_cut_epoch_mid_epoch(checkpoint["loops"], self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_holds_trained_weights(checkpoint)
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         if "score_moments" in checkpoint:
@@ -661,13 +696,59 @@ class PPOModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
             random.setstate(rng["python"])
 
+    def _check_checkpoint_holds_trained_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint that lacks some of this run's trained weights (or has others): loading it
+        would silently restart those weights from their initial values."""
+        expected = set(self.state_dict())
+        if "state_dict" in checkpoint:
+            found = set(checkpoint["state_dict"])
+        elif "trained_weights" in checkpoint:
+            found = set(checkpoint["trained_weights"])
+        else:
+            return
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"The checkpoint does not hold this run's trained weights: {len(missing)} missing (e.g. "
+                f"{missing[:3]}), {len(unexpected)} not in this run (e.g. {unexpected[:3]}). Resume with the recipe "
+                "that wrote it (same policy, LoRA rank and target modules)"
+            )
+
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        directory = f"{log_dir or self.trainer.default_root_dir}/policy"
+        self.policy.save_pretrained(directory, is_main_process=self.trainer.is_global_zero)  # gathers if sharded
         if self.trainer.is_global_zero:
-            directory = f"{log_dir or self.trainer.default_root_dir}/policy"
-            self.policy.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _fsdp_gradient_sync_off(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def _resume_cut_epoch_mid_epoch(loops: dict[str, Any], batches_per_epoch: float) -> None:
+    """Make a checkpoint written at the end of an epoch cut short (``trainer.max_steps``) resume mid-epoch.
+
+    Lightning ends the epoch loop when ``max_steps`` is reached and calls the epoch-end hooks, where
+    ``ModelCheckpoint`` saves with the epoch counted as processed. Resumed, Lightning would then start the
+    next epoch and the rest of the cut one would never run. Counting the epoch as not yet processed makes
+    Lightning resume inside it, where the data module continues from the next unused prompt.
+    """
+    fit_loop = loops.get("fit_loop", {})
+    epoch, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
+    if not epoch or not batches:
+        return
+    inside_epoch_end = epoch["current"]["processed"] == epoch["current"]["completed"] + 1
+    cut_short = not batches["is_last_batch"] and batches["current"]["completed"] < batches_per_epoch
+    if inside_epoch_end and cut_short:
+        for progress in (epoch["total"], epoch["current"]):
+            progress["processed"] -= 1
 
 
 def peak_memory_gb(device: torch.device) -> float:

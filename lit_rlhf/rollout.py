@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,17 +24,39 @@ class SamplingConfig:
     """Sample from the k most likely tokens only; 0 turns this off."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1.0 turns this off."""
-    stop_token: Optional[str] = None
-    """Token that ends a response; None uses the tokenizer's EOS token."""
+    stop_tokens: Optional[list[str]] = None
+    """Tokens that end a response (any of them); None uses the tokenizer's EOS token plus the end-of-turn
+    tokens of the checkpoint's ``generation_config`` (e.g. Llama 3's ``<|eot_id|>`` and ``<|eom_id|>``)."""
 
 
-def response_mask(responses: Tensor, stop_token_id: int) -> Tensor:
+def stop_token_ids(tokenizer, stop_tokens: Optional[Sequence[str]], checkpoint_eos: object = None) -> list[int]:
+    """The ids of ``stop_tokens``, or by default the tokenizer's EOS plus the checkpoint's own EOS list.
+
+    ``checkpoint_eos`` is a ``generation_config.eos_token_id`` (an id, a list of ids or None).
+    """
+    if stop_tokens:
+        ids = []
+        for token in stop_tokens:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+                raise ValueError(f"generation.stop_tokens: {token!r} is not a token of the policy's tokenizer")
+            ids.append(token_id)
+    else:
+        extra = checkpoint_eos if isinstance(checkpoint_eos, (list, tuple)) else [checkpoint_eos]
+        ids = [tokenizer.eos_token_id, *extra]
+    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not ids:
+        raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_tokens")
+    return ids
+
+
+def response_mask(responses: Tensor, stop_token_ids: int | Sequence[int]) -> Tensor:
     """1 for tokens up to and including the first stop token, 0 after it (float, ``[batch, len]``).
 
     Derived from the stop token's position, never from ``ids == pad``: with pad == EOS that would hide
-    the EOS itself and shift the reward position.
+    the EOS itself and shift the reward position. Any of ``stop_token_ids`` ends a response.
     """
-    is_stop = (responses == stop_token_id).long()
+    is_stop = torch.isin(responses, torch.as_tensor(stop_token_ids, device=responses.device)).long()
     stops_before = is_stop.cumsum(dim=1) - is_stop
     return (stops_before == 0).float()
 
@@ -86,26 +110,45 @@ class _SampleNextToken(LogitsProcessor):
         return chosen.scatter_(1, sample_categorical(probs), 0.0)
 
 
+@contextlib.contextmanager
+def neutral_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """Hide the checkpoint's own ``generation_config`` from ``generate`` inside this block.
+
+    ``generate`` fills every field left unset with the checkpoint's value: a ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``, ``stop_strings``
+    or prompt-lookup setting there would silently change what is sampled away from the distribution
+    the log-probs are computed for. With the library defaults in its place only our settings count.
+    """
+    saved = [(m, m.generation_config) for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    for module, _ in saved:
+        module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in saved:
+            module.generation_config = config
+
+
 def sample_responses(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: SamplingConfig,
-    stop_token_id: int, pad_token_id: int, synced_gpus: bool = False,
+    stop_token_ids: Sequence[int], pad_token_id: int, synced_gpus: bool = False,
 ) -> Tensor:
-    """Sample responses to left-padded prompts; returns ``[batch, len]`` padded after the stop token.
+    """Sample responses to left-padded prompts; returns ``[batch, len]`` padded after the first stop token.
 
     ``synced_gpus`` keeps this rank stepping until every rank has finished (needed when weights are sharded).
-    The sampling settings are given in full, so a checkpoint's own ``generation_config`` (repetition
-    penalty, default top-k) cannot silently change the distribution the log-probs are computed for.
+    Nothing of the checkpoint's own ``generation_config`` applies (see :func:`neutral_generation_defaults`).
     """
     generation_config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, eos_token_id=stop_token_id,
-        pad_token_id=pad_token_id, temperature=None, top_k=None, top_p=None, repetition_penalty=1.0,
+        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, eos_token_id=list(stop_token_ids),
+        pad_token_id=pad_token_id, repetition_penalty=1.0, num_return_sequences=1, use_cache=True,
     )
-    sequences = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-        logits_processor=LogitsProcessorList([_SampleNextToken(config)]), synced_gpus=synced_gpus,
-    )
+    with neutral_generation_defaults(model):
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+            logits_processor=LogitsProcessorList([_SampleNextToken(config)]), synced_gpus=synced_gpus,
+        )
     responses = sequences[:, input_ids.shape[1] :]
-    mask = response_mask(responses, stop_token_id)
+    mask = response_mask(responses, stop_token_ids)
     return responses.masked_fill(mask == 0, pad_token_id)
 
 

@@ -40,11 +40,24 @@ NEUTRAL_WORDS = (
 ).split()
 # Tiny backbones per architecture: small enough that a PPO step takes milliseconds on a CPU.
 _TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+# One per family of the default LoRA target table (models.DEFAULT_LORA_TARGETS). Gemma 2/3 and Granite get
+# strong logit transforms (soft-capping, scaling), so tests notice log-probs that would skip them.
 _ARCH_OVERRIDES = {
     "llama": dict(num_key_value_heads=2),
     "qwen2": dict(num_key_value_heads=2),
+    "qwen3": dict(num_key_value_heads=2, head_dim=16),
     "mistral": dict(num_key_value_heads=2, sliding_window=None),
+    "mixtral": dict(num_key_value_heads=2, sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
+    "gemma": dict(num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0),
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0),
+    "olmo2": dict(num_key_value_heads=2),
+    "granite": dict(num_key_value_heads=2, logits_scaling=4.0),
+    "phi3": dict(num_key_value_heads=2),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256),
+    "gpt_neox": dict(),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "falcon": dict(),
 }
 # A larger init than the usual 0.02 gives peaked, LM-like next-token distributions that LoRA can reshape.
 INIT_STD = 0.2
@@ -103,11 +116,12 @@ def save_tiny_checkpoint(
 ) -> Path:
     """Build a tiny random ``arch`` model (causal LM or classifier) and its tokenizer; save both."""
     path = Path(path)
-    torch.manual_seed(seed)
-    if classifier:
-        model = AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
-    else:
-        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    with torch.random.fork_rng(devices=[]):  # a run that builds its model first must sample as one that does not
+        torch.manual_seed(seed)
+        if classifier:
+            model = AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
+        else:
+            model = AutoModelForCausalLM.from_config(tiny_config(arch))
     # The files model.save_pretrained would write, written directly: under torch.distributed it writes
     # nothing on ranks other than 0, which would leave a checkpoint without weights in the cache.
     path.mkdir(parents=True, exist_ok=True)

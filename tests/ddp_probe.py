@@ -11,9 +11,17 @@ class DDPProbe(L.Callback):
         self.out_dir = out_dir
         self.records = []
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.kl_coef_in_rollout = pl_module.kl_controller.value
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rollout = pl_module.latest_rollout
+        logged = trainer.callback_metrics
         self.records.append({
+            "local_kl": float(rollout.kl.sum(1).mean()),
+            "logged_kl": float(logged["objective/kl"]),
+            "logged_non_score_reward": float(logged["objective/non_score_reward"]),
+            "kl_coef_in_rollout": self.kl_coef_in_rollout,
             "prompts": list(rollout.prompts),
             "advantages": rollout.advantages.detach().cpu(),
             "mask": rollout.mask.detach().cpu(),
@@ -24,6 +32,6 @@ class DDPProbe(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
-        weights = {k: v.detach().cpu() for k, v in pl_module.trainable_state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         torch.save({"weights": weights, "records": self.records, "world_size": trainer.world_size},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))

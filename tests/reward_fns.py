@@ -11,3 +11,7 @@ def not_a_number(prompts, completions):
 
 def words(prompts, completions):
     return [float(len(c.split())) for c in completions]
+
+
+def characters(prompts, completions):
+    return [float(len(c)) for c in completions]

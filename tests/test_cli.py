@@ -17,8 +17,8 @@ QUICKSTART = [
 ]
 
 
-def run_cli(*args, cwd=REPO_ROOT, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(*args, cwd=REPO_ROOT, timeout=300, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "lit_rlhf.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=timeout,

@@ -67,3 +67,29 @@ def test_prompt_longer_than_allowed(tiny_llama, prompts_file):
         _setup(path, tiny_llama, batch_size=2, max_prompt_length=3)
     dm = _setup(path, tiny_llama, batch_size=2, max_prompt_length=3, truncate_prompts=True)
     assert max(len(e["input_ids"]) for e in dm.examples) == 3
+
+
+def test_truncation_keeps_the_chat_template_and_the_reward_sees_the_cut_text(tmp_path, prompts_file):
+    from lit_rlhf.tiny import build_word_tokenizer, save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "model")
+    tokenizer = build_word_tokenizer()
+    tokenizer.chat_template = (
+        "<bos> you told me {{ messages[0]['content'] }} <eos>{% if add_generation_prompt %} i{% endif %}"
+    )
+    tokenizer.save_pretrained(path)
+    long_prompt = "the movie was very good and the music was great"
+    data = prompts_file([long_prompt, "it was"])
+    dm = _setup(data, str(path), batch_size=2, max_prompt_length=9, truncate_prompts=True, apply_chat_template=True,
+                shuffle=False)
+    cut = dm.examples[0]
+    assert cut["prompt"] == "music was great"  # the start of the text went, not the start of the template
+    assert tokenizer.convert_ids_to_tokens(cut["input_ids"]) == [
+        "<bos>", "you", "told", "me", "music", "was", "great", "<eos>", "i",
+    ]
+    assert dm.examples[1]["prompt"] == "it was"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["prompts"] == ["music was great", "it was"]  # what the reward function and model receive
+    with pytest.raises(ValueError, match="leaves no room for the prompt text"):
+        PromptDataModule(data, tokenizer=str(path), batch_size=2, max_prompt_length=6, truncate_prompts=True,
+                         apply_chat_template=True).setup("fit")

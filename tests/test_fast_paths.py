@@ -49,7 +49,7 @@ def test_generate_samples_with_the_configured_distribution(tiny_llama):
         expected = sampling_distribution(model(prompt).logits[:, -1], 0.8, top_k=20)[0]
         torch.manual_seed(0)
         responses = sample_responses(model, prompt.repeat(6000, 1), torch.ones(6000, 4, dtype=torch.long), config,
-                                     stop_token_id=1, pad_token_id=0)
+                                     stop_token_ids=[1], pad_token_id=0)
     frequencies = torch.bincount(responses[:, 0], minlength=expected.numel()).float() / 6000
     assert frequencies[expected == 0].sum() == 0  # nothing outside the top 20
     assert (frequencies - expected).abs().max() < 0.025
@@ -74,7 +74,11 @@ def test_chunked_head_logprobs_equal_the_materialized_ones(monkeypatch, temperat
         torch.testing.assert_close(a, b)
 
 
-def test_chunked_head_logprobs_gradcheck(monkeypatch):
+TRANSFORMS = [models.IDENTITY, models.LogitTransform(softcap=1.5), models.LogitTransform(scale=0.25, softcap=2.0)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["identity", "softcap", "scale+softcap"])
+def test_chunked_head_logprobs_gradcheck(monkeypatch, transform):
     monkeypatch.setattr(models, "_CHUNK_ELEMENTS", 30)
     torch.manual_seed(0)
     hidden = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -82,9 +86,22 @@ def test_chunked_head_logprobs_gradcheck(monkeypatch):
     tokens = torch.randint(0, 7, (4, 3))
 
     def logprobs(h, w, b):
-        return models._HeadTokenLogprobs.apply(h, w, b, tokens, 0.9, False)[0]
+        return models._HeadTokenLogprobs.apply(h, w, b, tokens, 0.9, False, transform)[0]
 
     assert torch.autograd.gradcheck(logprobs, (hidden, head.weight, head.bias))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[1:], ids=["softcap", "scale+softcap"])
+def test_logit_transform_is_applied_like_the_model_does(transform):
+    """Soft-capping as Gemma 2 writes it: ``tanh(logits / cap) * cap`` after scaling."""
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 3, 4) * 3, torch.nn.Linear(4, 6)
+    tokens = torch.randint(0, 6, (2, 3))
+    logits = head(hidden) * transform.scale
+    logits = torch.tanh(logits / transform.softcap) * transform.softcap / 0.7
+    expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logprobs, _ = models.head_logprobs(hidden, head, tokens, 0.7, transform=transform)
+    torch.testing.assert_close(logprobs, expected)
 
 
 def test_token_logprobs_backward_matches_autograd():

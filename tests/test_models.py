@@ -153,3 +153,11 @@ def test_tiny_checkpoint_is_complete_when_built_on_a_non_zero_rank(tmp_path, mon
     monkeypatch.undo()
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
     assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"
+
+
+def test_building_a_builtin_checkpoint_leaves_the_global_rng_alone(tmp_path):
+    """A run that builds ``builtin:tiny-*`` on first use must sample exactly like one that finds it cached."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    save_tiny_checkpoint(tmp_path / "model")
+    assert torch.equal(torch.get_rng_state(), before)

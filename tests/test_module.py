@@ -27,13 +27,13 @@ def make_data(model_path, batch_size=8, path=QUICKSTART_PROMPTS):
     return PromptDataModule(path, tokenizer=model_path, batch_size=batch_size, max_prompt_length=16)
 
 
-def fit(module, data, tmp_path, max_epochs=1, limit_train_batches=2, callbacks=(), **kw):
+def fit(module, data, tmp_path, max_epochs=1, limit_train_batches=2, callbacks=(), ckpt_path=None, **kw):
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, limit_train_batches=limit_train_batches, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path), callbacks=list(callbacks), **kw,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -46,6 +46,7 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         for name, value in trainer.callback_metrics.items():
             self.history.setdefault(name, []).append(float(value))
+        self.history.setdefault("epoch", []).append(trainer.current_epoch)
 
 
 def test_first_minibatch_reproduces_rollout_logprobs(tiny_llama):
@@ -56,6 +57,7 @@ def test_first_minibatch_reproduces_rollout_logprobs(tiny_llama):
     data = make_data(tiny_llama, batch_size=8)
     data.setup("fit")
     rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    module.policy.train()  # as in ppo_update: training mode (dropout probabilities are 0)
     for index in (torch.arange(8), torch.tensor([3, 5]), torch.tensor([0])):
         _, stats = module.ppo_loss(rollout, index)
         assert stats["val/ratio"].item() == pytest.approx(1.0, abs=1e-5)
@@ -94,16 +96,101 @@ def test_mean_reward_rises_on_a_learnable_reward(tiny_llama, tmp_path):
     assert last > first + 0.5, (first, last)
 
 
-def test_reward_model_separate_reference_and_options(tiny_llama, tiny_classifier, tmp_path):
+def test_reward_model_and_separate_reference(tiny_llama, tiny_classifier, tmp_path):
     L.seed_everything(0)
-    ppo = PPOConfig(ppo_epochs=2, num_minibatches=2, gradient_accumulation_steps=2, adaptive_kl=True, target_kl=0.5,
-                    ent_coef=0.01, whiten_rewards=True)
-    module = make_module(tiny_llama, reward_model=tiny_classifier, reference=ReferenceConfig(tiny_llama), ppo=ppo)
+    module = make_module(tiny_llama, reward_model=tiny_classifier, reference=ReferenceConfig(tiny_llama))
     recorder = Recorder()
     fit(module, make_data(tiny_llama), tmp_path, callbacks=[recorder])
     assert module.reference is not None and module.reward_model is not None
     assert len(recorder.history["objective/scores"]) == 2
-    assert recorder.history["kl_coef"][-1] != 0.05  # the adaptive controller moved
+    assert recorder.history["objective/kl"][0] == pytest.approx(0.0, abs=1e-6)  # reference == initial policy
+    assert recorder.history["objective/kl"][1] != 0.0
+
+
+def rollout_of(module, tiny_llama):
+    module.configure_model()
+    data = make_data(tiny_llama)
+    data.setup("fit")
+    return module.make_rollout(next(iter(data.train_dataloader())))
+
+
+def test_whiten_rewards_gives_unit_variance_without_shifting_the_mean(tiny_llama):
+    from lit_rlhf.ppo import masked_mean, masked_var
+
+    rewards = {}
+    for whiten in (False, True):
+        L.seed_everything(0)
+        rollout = rollout_of(make_module(tiny_llama, ppo=PPOConfig(whiten_rewards=whiten, kl_coef=0.5)), tiny_llama)
+        rewards[whiten] = rollout.rewards, rollout.mask
+    raw, mask = rewards[False]
+    whitened, same_mask = rewards[True]
+    assert torch.equal(mask, same_mask)  # the same rollout
+    assert masked_var(raw, mask).item() < 0.5
+    assert masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+    assert masked_mean(whitened, mask).item() == pytest.approx(masked_mean(raw, mask).item(), abs=1e-5)
+
+
+def test_entropy_bonus_is_subtracted_from_the_loss_with_its_gradient(tiny_llama):
+    L.seed_everything(0)
+    module = make_module(tiny_llama, ppo=PPOConfig(ent_coef=0.0))
+    rollout = rollout_of(module, tiny_llama)
+    index = torch.arange(8)
+    plain, stats = module.ppo_loss(rollout, index)
+    module.ppo_config = PPOConfig(ent_coef=0.1)
+    with_bonus, _ = module.ppo_loss(rollout, index)
+    assert with_bonus.item() == pytest.approx(plain.item() - 0.1 * stats["policy/entropy_avg"].item(), rel=1e-5)
+    grads = []
+    for loss in (plain, with_bonus):
+        module.zero_grad()
+        loss.backward()
+        grads.append(next(p.grad.clone() for n, p in module.named_parameters() if "lora_B" in n))
+    assert not torch.allclose(grads[0], grads[1])  # the bonus pushes the weights too, not just the number
+
+
+class CountSteps(L.Callback):
+    def __init__(self):
+        self.steps, self.backwards = 0, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps += 1
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.backwards += 1
+
+
+def test_target_kl_stops_the_ppo_epochs_early(tiny_llama, tmp_path):
+    counts = {}
+    for target_kl in (None, 1e-12):
+        L.seed_everything(0)
+        counter = CountSteps()
+        module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=4, num_minibatches=2, target_kl=target_kl))
+        fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=2, callbacks=[counter])
+        counts[target_kl] = counter.steps
+    assert counts[None] == 2 * 4 * 2  # iterations x epochs x minibatches
+    assert counts[1e-12] == 2 * 1 * 2  # the first epoch's KL exceeds the target: one epoch per iteration
+
+
+def test_gradient_accumulation_splits_minibatches_into_micro_batches(tiny_llama, tmp_path):
+    L.seed_everything(0)
+    counter = CountSteps()
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, gradient_accumulation_steps=2))
+    sizes = []
+    real_loss = module.ppo_loss
+    module.ppo_loss = lambda rollout, index: (sizes.append(len(index)), real_loss(rollout, index))[1]
+    fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=1, callbacks=[counter])
+    assert counter.steps == 2 * 2 and counter.backwards == 2 * 2 * 2
+    assert sizes == [2] * 8  # batch 8 -> minibatches of 4 -> micro-batches of 2
+
+
+def test_adaptive_kl_controller_moves_the_coefficient(tiny_llama, tmp_path):
+    L.seed_everything(0)
+    recorder = Recorder()
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=2, adaptive_kl=True, kl_target=1e-3, kl_horizon=100))
+    fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=3, callbacks=[recorder])
+    coefficients = recorder.history["kl_coef"]
+    # KL 0 on the first rollout (error -1, clipped to -0.2): the coefficient shrinks, then grows above the target
+    assert coefficients[0] == pytest.approx(0.05 * (1 - 0.2 * 8 / 100))
+    assert coefficients[2] > coefficients[1]
 
 
 def test_checkpoint_holds_trained_weights_and_restores_them(tiny_llama, tmp_path):
@@ -113,7 +200,7 @@ def test_checkpoint_holds_trained_weights_and_restores_them(tiny_llama, tmp_path
     path = tmp_path / "state.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
-    assert set(checkpoint["state_dict"]) == set(module.trainable_state_dict())
+    assert set(checkpoint["state_dict"]) == set(module.state_dict())
     assert checkpoint["kl_controller"]["value"] == module.kl_controller.value
 
     restored = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, adaptive_kl=True))
@@ -156,6 +243,81 @@ def test_config_errors_name_the_field(tiny_llama):
             generation=SamplingConfig(temperature=0.0),
         )
     module = PPOModule(policy=PolicyConfig(tiny_llama), reward=RewardConfig(function=SENTIMENT),
-                       generation=SamplingConfig(stop_token="not-a-word"))
-    with pytest.raises(ValueError, match="generation.stop_token='not-a-word'"):
+                       generation=SamplingConfig(stop_tokens=["not-a-word"]))
+    with pytest.raises(ValueError, match="generation.stop_tokens: 'not-a-word' is not a token"):
         module.configure_model()
+
+
+def test_fp16_gradients_are_clipped_after_unscaling(tiny_llama, tmp_path):
+    """Under 16-mixed the loss is scaled by 65536: clipping before Lightning unscales would hand AdamW a
+    gradient 65536x smaller than ppo.max_grad_norm allows. The norm AdamW sees must be the clip value."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    L.seed_everything(0)
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, max_grad_norm=1e-3))
+    norms = []
+
+    class RecordNorms(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = pl_module.optimizers().optimizer
+            step = optimizer.step
+
+            def recorded(*args, **kwargs):
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded
+
+    # Lightning refuses precision="16-mixed" on CPU; the same plugin with a CPU gradient scaler runs here
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    fit(module, make_data(tiny_llama), tmp_path, callbacks=[RecordNorms()], plugins=[precision])
+    assert len(norms) >= 2
+    assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
+def test_checkpoint_selects_trained_weights_by_tensor_not_by_parameter_name(tiny_llama):
+    """Wrappers that rename parameters (FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's
+    ``_checkpoint_wrapped_module.``) but not state-dict keys must not drop LoRA weights from checkpoints."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    module = make_module(tiny_llama)
+    module.configure_model()
+    layers = module.policy.model.get_base_model().model.layers
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    names = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert any("_checkpoint_wrapped_module" in name for name in names)  # parameter names carry the wrapper
+    state = module.state_dict()
+    assert len(state) == len(trained) and sum("lora_" in name for name in state) == len(trained) - 2
+    assert not any("_checkpoint_wrapped_module" in name for name in state)
+    assert len(set(state) & names) == 2  # matching by name would have kept only the value head
+
+
+def test_resume_refuses_a_checkpoint_without_all_trained_weights(tiny_llama, tmp_path):
+    L.seed_everything(0)
+    module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1))
+    trainer = fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=1)
+    trainer.save_checkpoint(tmp_path / "state.ckpt")
+    checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=True)
+    assert set(checkpoint["trained_weights"]) == set(checkpoint["state_dict"]) == set(module.state_dict())
+    fresh = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1))
+    fresh.configure_model()
+    fresh.on_load_checkpoint(checkpoint)  # complete: fine
+
+    lora_name = next(name for name in checkpoint["state_dict"] if "lora_A" in name)
+    del checkpoint["state_dict"][lora_name]
+    with pytest.raises(ValueError, match=r"does not hold this run's trained weights: 1 missing"):
+        fresh.on_load_checkpoint(checkpoint)
+    # strategies that load weights themselves (FSDP2, DeepSpeed) leave only the names to check
+    del checkpoint["state_dict"]
+    other_rank = make_module(tiny_llama, lora_r=4)
+    other_rank.policy_config.lora_target_modules = ["q_proj"]
+    other_rank.configure_model()
+    with pytest.raises(ValueError, match="Resume with the recipe that wrote it"):
+        other_rank.on_load_checkpoint(checkpoint)
+    fewer_targets = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1))
+    fewer_targets.policy_config.lora_target_modules = ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="does not hold this run's trained weights"):  # through Lightning's resume
+        fit(fewer_targets, make_data(tiny_llama), tmp_path / "x", ckpt_path=str(tmp_path / "state.ckpt"))
