@@ -1,50 +1,118 @@
-"""The ``lit-rlhf`` command: LightningCLI over ``PPOModule`` and ``PromptDataModule``."""
+"""The ``lit-rlhf`` command: ``fit`` (LightningCLI over ``PPOModule`` and ``PromptDataModule``) and ``export``.
+
+Heavy imports (torch, Lightning, transformers) happen only once a subcommand needs them, so ``lit-rlhf
+--help`` and ``--version`` answer at once. Errors from lit-rlhf's own checks print as one line and exit 2;
+``--debug`` (or ``LIT_RLHF_DEBUG=1``) adds the traceback.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import warnings
 from typing import Optional
 
-import torch
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lit_rlhf import __version__
 
-from lit_rlhf.data import PromptDataModule
-from lit_rlhf.module import PPOModule
+USAGE = """usage: lit-rlhf [--version] [--debug] {fit,export} ...
 
+RLHF with PPO for LoRA-adapted causal language models, on PyTorch Lightning.
 
-class PPOCLI(LightningCLI):
-    """``lit-rlhf fit --config recipe.yaml``; the data module's tokenizer follows the policy."""
+commands:
+  fit      train: lit-rlhf fit --config recipes/quickstart.yaml [--field.name=value ...]
+           (--print_config shows the resolved recipe, --help every field)
+  export   merge a trained adapter into its base model: lit-rlhf export --adapter_dir RUN/policy
+           --output_dir merged/ (or --checkpoint RUN/checkpoints/last.ckpt)
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.policy.model_name_or_path", "data.tokenizer")
-        parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+options:
+  --version  print the version and exit
+  --debug    show tracebacks for lit-rlhf's own errors (also LIT_RLHF_DEBUG=1)
+"""
 
 
 def main(args: Optional[list[str]] = None) -> None:
     """``lit-rlhf fit ...`` trains (LightningCLI); ``lit-rlhf export ...`` merges a trained adapter."""
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["export"]:
-        from jsonargparse import CLI
-
-        from lit_rlhf.export import export_policy
-
-        CLI(export_policy, args=argv[1:], as_positional=False)
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["LIT_RLHF_DEBUG"] = "1"  # also seen by the processes a distributed strategy launches
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
         return
+    if argv[0] == "--version":
+        print(f"lit-rlhf {__version__}")
+        return
+    if argv[0] not in ("fit", "export"):
+        print(USAGE, end="", file=sys.stderr)
+        print(f"lit-rlhf: error: unknown command {argv[0]!r}: use fit or export", file=sys.stderr)
+        sys.exit(2)
+
+    import logging
+
+    from lit_rlhf.errors import LitRLHFError
+
+    # bitsandbytes announces at import that an optional CPU kernel could not be fetched from the hub: noise here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+    try:
+        if argv[0] == "export":
+            _export(argv[1:])
+        else:
+            _fit(argv)
+    except LitRLHFError as err:
+        if os.environ.get("LIT_RLHF_DEBUG"):
+            raise
+        print(f"lit-rlhf: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _export(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from lit_rlhf.export import export_policy
+
+    CLI(export_policy, args=argv, as_positional=False, prog="lit-rlhf export")
+
+
+def _fit(argv: list[str]) -> None:
+    import torch
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_rlhf.callbacks import RunConfig
+    from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.module import PPOModule
+    from lit_rlhf.runs import prepare_fit_config
+
     if not torch.cuda.is_available():
         # DeepSpeed (imported when a recipe names its strategy) would print a warning to stdout on machines
         # without a GPU, corrupting `--print_config` output; naming its accelerator keeps it quiet.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the configs' field docs in --help
+    # main() passes the arguments it has read (without --debug) on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+    class PPOCLI(LightningCLI):
+        """``lit-rlhf fit --config recipe.yaml``; the data module's tokenizer follows the policy."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.policy.model_name_or_path", "data.tokenizer")
+            parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+        def before_instantiate_classes(self) -> None:
+            prepare_fit_config(self.config[self.subcommand])
+
     try:
         PPOCLI(
-            PPOModule, PromptDataModule, args=args, seed_everything_default=0, auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
+            PPOModule, PromptDataModule, args=argv, seed_everything_default=0, auto_configure_optimizers=False,
+            save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lit-rlhf"},
         )
     except SIGTERMException:
         print("Stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last", file=sys.stderr)

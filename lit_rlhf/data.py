@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -10,44 +11,74 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import load_tokenizer
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def load_prompts(path: str, prompt_field: str, split: str) -> list[str]:
-    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset."""
+    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset.
+
+    Every prompt must be text: a missing, null or numeric value is an error naming its row, never a
+    prompt "None" or "42".
+    """
     import datasets
 
     extension = os.path.splitext(path)[1].lower()
     try:
         if extension in _FILE_FORMATS:
             if not os.path.isfile(path):
-                raise ValueError(f"data.path={path!r} does not exist (relative paths start at {os.getcwd()!r})")
+                raise ConfigError(f"data.path={path!r} does not exist (relative paths start at {os.getcwd()!r})")
+            if not open(path, "rb").read(4096).strip():
+                raise ConfigError(f"data.path={path!r} is empty: it holds no prompts")
             dataset = datasets.load_dataset(_FILE_FORMATS[extension], data_files=path, split="train")
         elif os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
             dataset = datasets.load_from_disk(path)
         else:
             dataset = datasets.load_dataset(path, split=split)
-    except ValueError:
+    except ConfigError:
         raise
     except Exception as err:  # datasets raises many types for unreachable or malformed sources
-        raise ValueError(
+        if extension == ".jsonl":
+            _raise_for_bad_json_line(path)
+        cause = str(err.__cause__ or err) or type(err).__name__
+        raise ConfigError(
             f"Could not load prompts from data.path={path!r} (split {split!r}): give a .jsonl/.json/.parquet/.csv "
-            f"file, a folder saved with save_to_disk, or a dataset name reachable from this machine. Cause: {err}"
+            f"file, a folder saved with save_to_disk, or a dataset name reachable from this machine. Cause: {cause}"
         ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise ValueError(f"data.split={split!r} is not in {path!r}; it has {list(dataset)}")
+            raise ConfigError(f"data.split={split!r} is not in {path!r}; it has {list(dataset)}")
         dataset = dataset[split]
     if prompt_field not in dataset.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"data.prompt_field={prompt_field!r} is not a column of {path!r}; its columns are {dataset.column_names}"
         )
-    prompts = [str(p) for p in dataset[prompt_field]]
+    prompts = list(dataset[prompt_field])
     if not prompts:
-        raise ValueError(f"data.path={path!r} holds no prompts: the data set is empty")
+        raise ConfigError(f"data.path={path!r} holds no prompts: the data set is empty")
+    for row, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, str):
+            what = "has no value" if prompt is None else f"is {type(prompt).__name__} {prompt!r}, not text"
+            raise ConfigError(
+                f"data.path={path!r}, row {row}: data.prompt_field={prompt_field!r} {what}; fix or remove that row"
+            )
     return prompts
+
+
+def _raise_for_bad_json_line(path: str) -> None:
+    """Name the first line of a .jsonl file that is not one JSON object (datasets only says it failed)."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"data.path={path!r}, line {number}: not valid JSON ({err.msg}): {line.strip()[:80]!r}") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"data.path={path!r}, line {number}: expected a JSON object, got {line.strip()[:80]!r}")
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +158,9 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}")
         if max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length must be at least 1, got {max_prompt_length}")
+            raise ConfigError(f"data.max_prompt_length must be at least 1, got {max_prompt_length}")
         self.save_hyperparameters()
         self.examples: list[dict[str, Any]] = []
         self.sampler: Optional[ResumableSampler] = None
@@ -140,30 +171,30 @@ class PromptDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if hp.tokenizer is None:
-            raise ValueError("data.tokenizer is not set: give the policy's model_name_or_path")
+            raise ConfigError("data.tokenizer is not set: give the policy's model_name_or_path")
         tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
         self.pad_token_id = tokenizer.pad_token_id
         prompts = load_prompts(hp.path, hp.prompt_field, hp.split)
         if len(prompts) < hp.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.path={hp.path!r} has {len(prompts)} prompts, fewer than data.batch_size={hp.batch_size}: "
                 "lower the batch size or add prompts"
             )
         if hp.apply_chat_template and tokenizer.chat_template is None:
-            raise ValueError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
+            raise ConfigError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
         truncated = 0
         for prompt in prompts:
             ids = self._encode(tokenizer, prompt)
             if len(ids) > hp.max_prompt_length:
                 if not hp.truncate_prompts:
-                    raise ValueError(
+                    raise ConfigError(
                         f"A prompt has {len(ids)} tokens, more than data.max_prompt_length={hp.max_prompt_length}: "
                         f"raise max_prompt_length or set data.truncate_prompts=true. Prompt: {prompt[:80]!r}"
                     )
                 prompt, ids = self._truncate(tokenizer, prompt, len(ids))
                 truncated += 1
             if not ids:
-                raise ValueError(f"A prompt tokenizes to no tokens: {prompt!r}; remove empty prompts from the data")
+                raise ConfigError(f"A prompt tokenizes to no tokens: {prompt!r}; remove empty prompts from the data")
             self.examples.append({"prompt": prompt, "input_ids": ids})
         if truncated:
             rank_zero_warn(
@@ -193,7 +224,7 @@ class PromptDataModule(L.LightningDataModule):
             if len(ids) <= limit:
                 return text, ids
             keep -= len(ids) - limit  # decoding and re-encoding can merge or split tokens at the cut
-        raise ValueError(
+        raise ConfigError(
             f"data.max_prompt_length={limit} leaves no room for the prompt text once the chat template and special "
             "tokens are added: raise max_prompt_length"
         )
@@ -206,7 +237,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if len(self.examples) < hp.batch_size * world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.path={hp.path!r} has {len(self.examples)} prompts, fewer than data.batch_size={hp.batch_size} "
                 f"x {world_size} devices: lower the batch size or add prompts"
             )

@@ -12,16 +12,19 @@ import importlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+import transformers
+from transformers import PreTrainedTokenizerFast
 
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.tiny import BUILTIN_PREFIX, resolve_model_path
+
+# peft (with bitsandbytes) loads in ~1.5 s: it is imported where it is used, not for `lit-rlhf fit --help`.
+# (No TYPE_CHECKING import either: jsonargparse executes those blocks when it reads the configs' types.)
 
 DType = Literal["float32", "bfloat16", "float16"]
 Quantization = Optional[Literal["4bit", "8bit"]]
@@ -68,23 +71,25 @@ class PolicyConfig:
     in the PPO passes for about one more forward."""
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> "transformers.PreTrainedTokenizerBase":
     """Load a tokenizer for left-padded generation, falling back to EOS as pad token (with a warning)."""
     path = resolve_model_path(name_or_path)
     # Built-in checkpoints carry a word-level tokenizer; AutoTokenizer would swap in the architecture's own
     # class for some model types (qwen2), so load it with the class it was saved with.
+    from transformers import AutoTokenizer
+
     loader = PreTrainedTokenizerFast if name_or_path.startswith(BUILTIN_PREFIX) else AutoTokenizer
     try:
         tokenizer = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"Could not load a tokenizer from {name_or_path!r} (model_name_or_path): give an existing local "
             f"folder with tokenizer files, a hub id reachable from this machine, or 'builtin:tiny-llama'. "
             f"Cause: {err}"
         ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
+            raise ConfigError(
                 f"The tokenizer of {name_or_path!r} has neither a pad nor an EOS token: add a pad token to "
                 "the tokenizer (tokenizer.add_special_tokens) and save it next to the model."
             )
@@ -98,13 +103,38 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
-def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> PreTrainedModel:
+def load_generation_config(name_or_path: str, trust_remote_code: bool = False):
+    """The checkpoint's ``generation_config.json`` (its EOS list), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError:
+        return None
+
+
+def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> Optional[int]:
+    """The longest sequence the model's config allows (``max_position_embeddings``), read without the weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"Could not load policy.model_name_or_path={name_or_path!r}: give a local checkpoint folder, a hub id "
+            f"reachable from this machine, or a built-in name such as 'builtin:tiny-llama'. Cause: {err}"
+        ) from err
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> "transformers.PreTrainedModel":
     path = resolve_model_path(name_or_path)
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except OSError as err:
         hint = "" if os.path.isdir(path) else " (no such local folder)"
-        raise ValueError(
+        raise ConfigError(
             f"Could not load {field_name}={name_or_path!r}{hint}: give a local checkpoint folder, a hub id "
             f"reachable from this machine, or a built-in name such as 'builtin:tiny-llama'. Cause: {err}"
         ) from err
@@ -120,11 +150,11 @@ def quantization_kwargs(
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{field_name}={quantization!r} needs bitsandbytes: pip install 'bitsandbytes>=0.45', or set it to null"
         ) from err
     if device is not None and device.type not in ("cpu", "cuda", "xpu"):
-        raise ValueError(f"{field_name}={quantization!r} is not supported on {device.type}: set it to null")
+        raise ConfigError(f"{field_name}={quantization!r} is not supported on {device.type}: set it to null")
     if quantization == "4bit":
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -133,7 +163,7 @@ def quantization_kwargs(
     elif quantization == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        raise ValueError(f"{field_name}={quantization!r}: use '4bit', '8bit' or null")
+        raise ConfigError(f"{field_name}={quantization!r}: use '4bit', '8bit' or null")
     kwargs = {"quantization_config": config}
     if device is not None and device.type != "cpu":  # quantize straight onto the training device
         kwargs["device_map"] = {"": str(device)}
@@ -143,8 +173,10 @@ def quantization_kwargs(
 def load_causal_lm(
     name_or_path: str, dtype: DType = "float32", trust_remote_code: bool = False, field_name: str = "model",
     quantization: Quantization = None, device: Optional[torch.device] = None,
-) -> PreTrainedModel:
+) -> "transformers.PreTrainedModel":
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for paths that do not load."""
+    from transformers import AutoModelForCausalLM
+
     return _load_pretrained(
         AutoModelForCausalLM, name_or_path, field_name, dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,
@@ -152,7 +184,7 @@ def load_causal_lm(
     )
 
 
-def default_lora_targets(model: PreTrainedModel) -> list[str]:
+def default_lora_targets(model: "transformers.PreTrainedModel") -> list[str]:
     """The LoRA targets for ``model``'s architecture, or an error listing the module names it has."""
     model_type = getattr(model.config, "model_type", None)
     if model_type in DEFAULT_LORA_TARGETS:
@@ -162,7 +194,7 @@ def default_lora_targets(model: PreTrainedModel) -> list[str]:
         name.rsplit(".", 1)[-1] for name, module in model.named_modules()
         if module is not output and type(module).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
     })
-    raise ValueError(
+    raise ConfigError(
         f"No default LoRA targets for architecture {model_type!r}: set policy.lora_target_modules to some of its "
         f"linear modules {names}, or to [all-linear]"
     )
@@ -176,6 +208,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a (possibly peft-wrapped) causal LM into its transformer backbone and LM head."""
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     return model.base_model, model.get_output_embeddings()
@@ -414,7 +448,7 @@ class PolicyWithValueHead(nn.Module):
     ``generate``), so that a strategy sharding this module (FSDP2) can gather its weights around each.
     """
 
-    def __init__(self, model: PeftModel, value_head: nn.Linear) -> None:
+    def __init__(self, model: nn.Module, value_head: nn.Linear) -> None:
         super().__init__()
         self.model = model
         self.value_head = value_head
@@ -506,12 +540,14 @@ def disable_dropout(model: nn.Module) -> int:
 def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> PolicyWithValueHead:
     """Load the base causal LM (quantized if asked), add the LoRA adapter and a fresh value head."""
     if config.lora_r <= 0:
-        raise ValueError("policy.lora_r must be positive: lit-rlhf trains a LoRA adapter on a frozen base model")
+        raise ConfigError("policy.lora_r must be positive: lit-rlhf trains a LoRA adapter on a frozen base model")
     base = load_causal_lm(
         config.model_name_or_path, config.dtype, config.trust_remote_code, field_name="policy.model_name_or_path",
         quantization=config.quantization, device=device,
     )
     targets = config.lora_target_modules or default_lora_targets(base)
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -523,7 +559,7 @@ def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> 
     try:
         model = get_peft_model(base, lora)
     except ValueError as err:
-        raise ValueError(f"policy.lora_target_modules={targets}: {err}") from err
+        raise ConfigError(f"policy.lora_target_modules={targets}: {err}") from err
     if config.gradient_checkpointing:
         # non-reentrant: works with a frozen base (no input that requires grad) and with sharded weights
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -566,7 +602,7 @@ def check_logprobs_match_model(model: nn.Module, name: str, length: int = 8) -> 
     full_precision = embeddings.weight.dtype == torch.float32 and not getattr(model, "is_quantized", False)
     tolerance = 1e-3 if full_precision else 0.25
     if not difference <= tolerance:
-        raise ValueError(
+        raise ConfigError(
             f"policy.model_name_or_path={name!r}: its logits differ from what lit-rlhf computes from its hidden "
             f"states and LM head by up to {difference:.3g} nats (architecture {model.config.model_type!r}), so "
             "PPO would train on another distribution than the one it samples. This architecture transforms its "
@@ -582,17 +618,17 @@ def import_reward_function(spec: str) -> ScoreFn:
     """Import ``package.module:function`` (the ``reward.function`` field) and check it is callable."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward.function={spec!r} must look like 'package.module:function'")
+        raise ConfigError(f"reward.function={spec!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(
+        raise ConfigError(
             f"reward.function={spec!r}: cannot import module {module_name!r} ({err}). Make sure it is "
             "installed or on PYTHONPATH."
         ) from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward.function={spec!r}: module {module_name!r} has no callable {attr!r}")
+        raise ConfigError(f"reward.function={spec!r}: module {module_name!r} has no callable {attr!r}")
     return fn
 
 
@@ -604,10 +640,12 @@ class SequenceClassifierReward(nn.Module):
     """
 
     def __init__(
-        self, name_or_path: str, policy_tokenizer: PreTrainedTokenizerBase, label_index: Optional[int] = None,
+        self, name_or_path: str, policy_tokenizer: "transformers.PreTrainedTokenizerBase", label_index: Optional[int] = None,
         dtype: DType = "float32", trust_remote_code: bool = False, quantization: Quantization = None,
         batch_size: Optional[int] = None, device: Optional[torch.device] = None,
     ) -> None:
+        from transformers import AutoModelForSequenceClassification
+
         super().__init__()
         self.model = freeze(_load_pretrained(
             AutoModelForSequenceClassification, name_or_path, "reward.model_name_or_path",
@@ -617,13 +655,13 @@ class SequenceClassifierReward(nn.Module):
         num_labels = self.model.config.num_labels
         if label_index is None:
             if num_labels != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"reward.model_name_or_path={name_or_path!r} has {num_labels} labels: set reward.label_index "
                     "to the label whose logit is the reward"
                 )
             label_index = 0
         if not 0 <= label_index < num_labels:
-            raise ValueError(f"reward.label_index={label_index} is out of range for {num_labels} labels")
+            raise ConfigError(f"reward.label_index={label_index} is out of range for {num_labels} labels")
         self.label_index = label_index
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
@@ -683,7 +721,7 @@ def init_value_head_from_reward(value_head: nn.Linear, reward: SequenceClassifie
     head = reward.score_head
     if head is None or head.in_features != value_head.in_features:
         found = "no linear score head" if head is None else f"a score head over {head.in_features} features"
-        raise ValueError(
+        raise ConfigError(
             f"policy.value_head_from_reward needs a reward model whose score head reads {value_head.in_features} "
             f"features like the policy's; it has {found}. Set policy.value_head_from_reward=false"
         )

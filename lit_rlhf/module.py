@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import time
@@ -17,14 +18,15 @@ import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lit_rlhf.errors import ConfigError, TrainingError
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
     DType, PolicyConfig, Quantization, SequenceClassifierReward, disable_dropout, freeze, import_reward_function,
-    init_value_head_from_reward, load_causal_lm, load_policy, load_tokenizer, response_forward,
+    init_value_head_from_reward, load_causal_lm, load_generation_config, load_policy, load_tokenizer,
+    model_context_length, response_forward,
 )
 from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, stop_token_ids, trim_padding
 from lit_rlhf.sharding import shard_policy
@@ -195,17 +197,18 @@ class PPOModule(L.LightningModule):
         """
         super().__init__()
         if (reward.model_name_or_path is None) == (reward.function is None):
-            raise ValueError("Set exactly one of reward.model_name_or_path and reward.function")
+            raise ConfigError("Set exactly one of reward.model_name_or_path and reward.function")
         if ppo.num_minibatches < 1 or ppo.gradient_accumulation_steps < 1 or ppo.ppo_epochs < 1:
-            raise ValueError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
+            raise ConfigError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
         if generation.temperature <= 0:
-            raise ValueError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
+            raise ConfigError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
         # Plain dicts, so that checkpoints load with ``torch.load(weights_only=True)`` and hparams.yaml reads well.
-        self.save_hyperparameters({
-            "policy": asdict(policy), "reward": asdict(reward), "reference": asdict(reference),
-            "generation": asdict(generation), "ppo": asdict(ppo), "optimizer": asdict(optimizer),
-            "release_host_memory": release_host_memory,
-        })
+        self.save_hyperparameters({  # lists, not tuples: hparams.yaml must load with yaml.safe_load
+            name: _plain(asdict(config)) for name, config in (
+                ("policy", policy), ("reward", reward), ("reference", reference), ("generation", generation),
+                ("ppo", ppo), ("optimizer", optimizer),
+            )
+        } | {"release_host_memory": release_host_memory})
         # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
@@ -237,17 +240,17 @@ class PPOModule(L.LightningModule):
         policy_cfg, reward_cfg, reference_cfg = self.policy_config, self.reward_config, self.reference_config
         device = self._trainer.strategy.root_device if self._trainer is not None else None
         if self.device_mesh is not None and policy_cfg.quantization is not None:
-            raise ValueError(
+            raise ConfigError(
                 "policy.quantization cannot be combined with sharding (ModelParallelStrategy): FSDP2 does not "
                 "shard bitsandbytes weights. Use DDP with a quantized policy, or shard an unquantized one"
             )
-        self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+        self._prepare()
         self.policy = load_policy(policy_cfg, device)
         if self.ppo_config.disable_dropout:
             disable_dropout(self.policy)
         vocab_size = self.policy.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"The tokenizer of policy.model_name_or_path has {len(self.tokenizer)} tokens but the model's "
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
@@ -256,22 +259,43 @@ class PPOModule(L.LightningModule):
                 reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
                 field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
             ))
-        self.reward_function = None
         if reward_cfg.model_name_or_path is not None:
             self._frozen_models["reward"] = SequenceClassifierReward(
                 reward_cfg.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
                 policy_cfg.trust_remote_code, reward_cfg.quantization, reward_cfg.batch_size, device,
             )
-        else:
-            self.reward_function = import_reward_function(reward_cfg.function)
         if policy_cfg.value_head_from_reward:
             if self.reward_model is None:
-                raise ValueError("policy.value_head_from_reward needs reward.model_name_or_path, not a reward function")
+                raise ConfigError("policy.value_head_from_reward needs reward.model_name_or_path, not a reward function")
             init_value_head_from_reward(self.policy.value_head, self.reward_model)
-        checkpoint_eos = getattr(self.policy.model.get_base_model().generation_config, "eos_token_id", None)
-        self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard the policy with FSDP2 over the mesh
             shard_policy(self.policy, self.device_mesh)
+
+    def _prepare(self) -> None:
+        """What needs no model weights: tokenizer, stop tokens, reward function, and every check of the recipe
+        against the model's config and the data. Runs in ``setup``, before any weight loads."""
+        if getattr(self, "tokenizer", None) is not None:
+            return
+        policy_cfg = self.policy_config
+        self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+        generation_config = load_generation_config(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+        checkpoint_eos = getattr(generation_config, "eos_token_id", None)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
+        self.reward_function = None
+        if self.reward_config.function is not None:
+            self.reward_function = import_reward_function(self.reward_config.function)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", None)
+        if data is not None and getattr(data, "batch_size", None) is not None:
+            self._minibatch_sizes(data.batch_size)
+            context = model_context_length(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+            total = data.max_prompt_length + self.sampling.max_new_tokens
+            if context is not None and total > context:
+                raise ConfigError(
+                    f"data.max_prompt_length={data.max_prompt_length} + generation.max_new_tokens="
+                    f"{self.sampling.max_new_tokens} = {total} exceeds the context of policy.model_name_or_path "
+                    f"({context} tokens): lower one of them"
+                )
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -290,12 +314,13 @@ class PPOModule(L.LightningModule):
         from lit_rlhf.callbacks import AtomicCheckpointIO
 
         strategy = self.trainer.strategy
+        self._prepare()  # every check that needs no weights, before configure_model loads them
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         if self.release_host_memory and isinstance(self.trainer.accelerator, CPUAccelerator):
             mmap_large_allocations()
         if isinstance(strategy, FSDPStrategy):
-            raise ValueError(
+            raise ConfigError(
                 "trainer.strategy: FSDPStrategy (FSDP1) runs training_step inside the wrapped module's forward, "
                 "where PPO's manual backward passes fail. Shard with FSDP2 instead: "
                 "lightning.pytorch.strategies.ModelParallelStrategy (see recipes/llama3.1-8b-fsdp2.yaml)"
@@ -305,13 +330,13 @@ class PPOModule(L.LightningModule):
             # The DeepSpeed engine owns gradient accumulation and clipping: its accumulation boundary is
             # Lightning's accumulate_grad_batches (1 under manual optimization), and it clips in engine.step().
             if strategy.zero_stage_3:
-                raise ValueError(
+                raise ConfigError(
                     "trainer.strategy: DeepSpeed ZeRO stage 3 is not supported yet (it would partition the weights "
                     "while they load and while the frozen reward model is used outside the engine). Use stage 2, "
                     "or the FSDP strategy to shard weights (recipes/llama3.1-8b-fsdp.yaml)"
                 )
             if self.ppo_config.gradient_accumulation_steps > 1:
-                raise ValueError(
+                raise ConfigError(
                     "ppo.gradient_accumulation_steps > 1 is not supported with the DeepSpeed strategy: use more "
                     "ppo.num_minibatches (smaller minibatches) or the FSDP/DDP strategy"
                 )
@@ -394,7 +419,7 @@ class PPOModule(L.LightningModule):
             self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths.tolist())
         ]
         last_tokens = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-        has_stop = torch.isin(last_tokens, torch.as_tensor(self.stop_token_ids, device=last_tokens.device))
+        has_stop = torch.isin(last_tokens, torch.as_tensor(self.stop_token_ids, dtype=last_tokens.dtype, device=last_tokens.device))
         scores = self.score(batch["prompts"], completions, query_responses, attention_mask)
         raw_scores = scores
         if reward_cfg.missing_eos_penalty is not None:
@@ -428,6 +453,8 @@ class PPOModule(L.LightningModule):
             "objective/raw_scores": raw_scores.mean(),
             "val/num_eos_tokens": has_stop.float().sum(),
             "val/response_length": lengths.float().mean(),
+            # diversity of the completions: distinct token bigrams among all (a collapsed policy goes to ~0)
+            "val/distinct_2": distinct_n([r[:n] for r, n in zip(responses.tolist(), lengths.tolist())]),
         }
         return Rollout(
             query_responses, attention_mask, context_length, mask, out.logprobs, out.values * mask, advantages,
@@ -451,12 +478,12 @@ class PPOModule(L.LightningModule):
             source = f"reward.function={self.reward_config.function!r}"
             try:
                 scores = torch.as_tensor(raw, dtype=torch.float32).flatten()
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{source} must return a sequence of numbers, got {type(raw).__name__}") from err
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ConfigError(f"{source} must return a list of numbers, one per completion; got {_describe(raw)}") from err
             if scores.numel() != len(completions):
-                raise ValueError(f"{source} returned {scores.numel()} scores for {len(completions)} completions")
+                raise ConfigError(f"{source} returned {scores.numel()} scores for {len(completions)} completions")
         if not torch.isfinite(scores).all():
-            raise ValueError(f"{source} returned non-finite scores (NaN or inf): {scores.tolist()}")
+            raise ConfigError(f"{source} returned non-finite scores (NaN or inf): {scores.tolist()}")
         return scores.to(self.device, torch.float32)
 
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
@@ -557,7 +584,7 @@ class PPOModule(L.LightningModule):
         )
         if self.consecutive_skips >= limit:
             path = save_last_checkpoint(self.trainer)  # weights and optimizer hold no update from the bad steps
-            raise RuntimeError(
+            raise TrainingError(
                 f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
                 f"(ppo.max_consecutive_skips={limit}). The last good state is saved in {path}. Lower "
                 "model.optimizer.lr, keep ppo.max_grad_norm set, and check the scale of the reward "
@@ -570,7 +597,7 @@ class PPOModule(L.LightningModule):
         hp = self.ppo_config
         per_step = hp.num_minibatches * hp.gradient_accumulation_steps
         if batch_size % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={batch_size} is not divisible by ppo.num_minibatches={hp.num_minibatches} x "
                 f"ppo.gradient_accumulation_steps={hp.gradient_accumulation_steps}: choose values that divide it"
             )
@@ -581,7 +608,7 @@ class PPOModule(L.LightningModule):
         limit = getattr(self.policy.model.config, "max_position_embeddings", None)
         total = context_length + self.sampling.max_new_tokens
         if limit is not None and total > limit:
-            raise ValueError(
+            raise ConfigError(
                 f"Prompt length {context_length} + generation.max_new_tokens={self.sampling.max_new_tokens}"
                 f" = {total} exceeds the model's context of {limit} tokens: lower data.max_prompt_length or "
                 "generation.max_new_tokens"
@@ -595,12 +622,6 @@ class PPOModule(L.LightningModule):
             self.log(name, value, batch_size=batch_size, prog_bar=False, sync_dist=True)
             if name in progress:
                 self.log(progress[name], value, batch_size=batch_size, prog_bar=True, logger=False, sync_dist=True)
-
-    def on_train_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
-        if batch_size is not None:
-            self._minibatch_sizes(batch_size)  # fail before the first rollout, not after it
 
     def _all_reduce_sum(self, values: Tensor) -> Tensor:
         """Sum of ``values`` over all ranks (``values`` itself in a single-process run); ``values`` is left as is."""
@@ -681,6 +702,7 @@ class PPOModule(L.LightningModule):
             _resume_cut_epoch_mid_epoch(checkpoint["loops"], self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_matches_recipe(checkpoint)
         self._check_checkpoint_holds_trained_weights(checkpoint)
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
@@ -696,6 +718,33 @@ class PPOModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
             random.setstate(rng["python"])
 
+    def _check_checkpoint_matches_recipe(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint of another recipe (models, LoRA, data); warn about changed
+        hyper-parameters (which a user may change on purpose when resuming)."""
+        saved_model = checkpoint.get("hyper_parameters") or {}
+        changes: dict[str, list[str]] = {"refuse": [], "warn": []}
+        for section, value in self.hparams.items():
+            if section in saved_model and _plain(saved_model[section]) != _plain(value):
+                kind = "refuse" if section in ("policy", "reward", "reference") else "warn"
+                changes[kind] += _differences(f"model.{section}", _plain(saved_model[section]), _plain(value))
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+        if datamodule is not None and saved_data:
+            for field in _DATA_FIELDS_THAT_MUST_MATCH:
+                before, now = saved_data.get(field), datamodule.hparams.get(field)
+                if field == "path" and before and now:
+                    before, now = os.path.abspath(before), os.path.abspath(now)
+                if before != now:
+                    changes["refuse"].append(f"data.{field}: {before!r} -> {now!r}")
+        if changes["refuse"]:
+            raise ConfigError(
+                "The checkpoint (--ckpt_path) was written by a run of another recipe: "
+                f"{'; '.join(changes['refuse'])}. Resume with the recipe that wrote it, or start a new run without "
+                "--ckpt_path"
+            )
+        if changes["warn"]:
+            warnings.warn(f"Resuming with changed settings: {'; '.join(changes['warn'])}", UserWarning, stacklevel=2)
+
     def _check_checkpoint_holds_trained_weights(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks some of this run's trained weights (or has others): loading it
         would silently restart those weights from their initial values."""
@@ -708,7 +757,7 @@ class PPOModule(L.LightningModule):
             return
         missing, unexpected = sorted(expected - found), sorted(found - expected)
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 f"The checkpoint does not hold this run's trained weights: {len(missing)} missing (e.g. "
                 f"{missing[:3]}), {len(unexpected)} not in this run (e.g. {unexpected[:3]}). Resume with the recipe "
                 "that wrote it (same policy, LoRA rank and target modules)"
@@ -716,8 +765,9 @@ class PPOModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        directory = f"{log_dir or self.trainer.default_root_dir}/policy"
+        from lit_rlhf.runs import run_directory
+
+        directory = run_directory(self.trainer) / "policy"  # a collective under DDP: every rank must ask
         self.policy.save_pretrained(directory, is_main_process=self.trainer.is_global_zero)  # gathers if sharded
         if self.trainer.is_global_zero:
             self.tokenizer.save_pretrained(directory)
@@ -749,6 +799,44 @@ def _resume_cut_epoch_mid_epoch(loops: dict[str, Any], batches_per_epoch: float)
     if inside_epoch_end and cut_short:
         for progress in (epoch["total"], epoch["current"]):
             progress["processed"] -= 1
+
+
+# What decides which prompts a resumed run sees next and how they are encoded.
+_DATA_FIELDS_THAT_MUST_MATCH = (
+    "path", "prompt_field", "split", "batch_size", "max_prompt_length", "truncate_prompts", "apply_chat_template",
+    "shuffle", "seed",
+)
+
+
+def _differences(prefix: str, before: Any, now: Any) -> list[str]:
+    """``field: old -> new`` for every leaf that differs between two (nested) dicts."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(before) | set(now))
+                for line in _differences(f"{prefix}.{key}", before.get(key), now.get(key))]
+    return [] if before == now else [f"{prefix}: {before!r} -> {now!r}"]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists (recursively), for YAML that ``yaml.safe_load`` reads."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _describe(value: Any) -> str:
+    """A short description of what a reward function returned, e.g. ``list of str ('good', ...)``."""
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"{type(value).__name__} of {' and '.join(kinds) or 'nothing'} ({', '.join(map(repr, value[:3]))}{', ...' if len(value) > 3 else ''})"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
+    """Share of distinct n-grams among all n-grams of ``sequences`` (1: all different; near 0: collapse)."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:

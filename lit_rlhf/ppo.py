@@ -13,6 +13,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from lit_rlhf.errors import ConfigError
+
 KLEstimator = Literal["k1", "k2", "k3"]
 AllReduceSum = Callable[[Tensor], Tensor]
 
@@ -37,7 +39,7 @@ def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, all_reduce: AllRedu
     if not unbiased:
         return mean, squares / count
     if count < 2:
-        raise ValueError("masked_var needs at least two unmasked entries for an unbiased variance")
+        raise ConfigError("masked_var needs at least two unmasked entries for an unbiased variance")
     return mean, squares / (count - 1)
 
 
@@ -72,7 +74,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
         return 0.5 * d**2
     if estimator == "k3":
         return torch.exp(-d) - 1 + d
-    raise ValueError(f"Unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
+    raise ConfigError(f"Unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
 
 
 def last_valid_index(mask: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from lit_rlhf.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -26,27 +28,31 @@ class SamplingConfig:
     """Nucleus sampling threshold; 1.0 turns this off."""
     stop_tokens: Optional[list[str]] = None
     """Tokens that end a response (any of them); None uses the tokenizer's EOS token plus the end-of-turn
-    tokens of the checkpoint's ``generation_config`` (e.g. Llama 3's ``<|eot_id|>`` and ``<|eom_id|>``)."""
+    tokens of the checkpoint's ``generation_config`` (e.g. Llama 3's ``<|eot_id|>`` and ``<|eom_id|>``);
+    ``[]``: no stop token, every response is ``max_new_tokens`` long."""
 
 
 def stop_token_ids(tokenizer, stop_tokens: Optional[Sequence[str]], checkpoint_eos: object = None) -> list[int]:
-    """The ids of ``stop_tokens``, or by default the tokenizer's EOS plus the checkpoint's own EOS list.
+    """The ids of ``stop_tokens``, or by default (None) the tokenizer's EOS plus the checkpoint's own EOS list.
 
-    ``checkpoint_eos`` is a ``generation_config.eos_token_id`` (an id, a list of ids or None).
+    ``checkpoint_eos`` is a ``generation_config.eos_token_id`` (an id, a list of ids or None). An empty list
+    means no stop token: every response is ``max_new_tokens`` long (TRL's PPO default).
     """
+    if stop_tokens is not None and len(stop_tokens) == 0:
+        return []
     if stop_tokens:
         ids = []
         for token in stop_tokens:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-                raise ValueError(f"generation.stop_tokens: {token!r} is not a token of the policy's tokenizer")
+                raise ConfigError(f"generation.stop_tokens: {token!r} is not a token of the policy's tokenizer")
             ids.append(token_id)
     else:
         extra = checkpoint_eos if isinstance(checkpoint_eos, (list, tuple)) else [checkpoint_eos]
         ids = [tokenizer.eos_token_id, *extra]
     ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
     if not ids:
-        raise ValueError("The policy's tokenizer has no EOS token: set generation.stop_tokens")
+        raise ConfigError("The policy's tokenizer has no EOS token: set generation.stop_tokens")
     return ids
 
 
@@ -56,7 +62,7 @@ def response_mask(responses: Tensor, stop_token_ids: int | Sequence[int]) -> Ten
     Derived from the stop token's position, never from ``ids == pad``: with pad == EOS that would hide
     the EOS itself and shift the reward position. Any of ``stop_token_ids`` ends a response.
     """
-    is_stop = torch.isin(responses, torch.as_tensor(stop_token_ids, device=responses.device)).long()
+    is_stop = torch.isin(responses, torch.as_tensor(stop_token_ids, dtype=responses.dtype, device=responses.device)).long()
     stops_before = is_stop.cumsum(dim=1) - is_stop
     return (stops_before == 0).float()
 
@@ -139,7 +145,7 @@ def sample_responses(
     Nothing of the checkpoint's own ``generation_config`` applies (see :func:`neutral_generation_defaults`).
     """
     generation_config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, eos_token_id=list(stop_token_ids),
+        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, eos_token_id=list(stop_token_ids) or None,
         pad_token_id=pad_token_id, repetition_penalty=1.0, num_return_sequences=1, use_cache=True,
     )
     with neutral_generation_defaults(model):

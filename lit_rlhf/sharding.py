@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from lit_rlhf.errors import ConfigError
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -29,7 +31,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         names.update(getattr(module, "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot shard {type(model).__name__}: its transformers class names no decoder-layer class "
             "(_no_split_modules). Use the DDP strategy for this model"
         )

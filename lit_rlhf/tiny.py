@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import PreTrainedTokenizerFast
 
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.rewards import NEGATIVE_WORDS, POSITIVE_WORDS
 
 BUILTIN_PREFIX = "builtin:"
@@ -92,7 +93,7 @@ def build_word_tokenizer(
 def tiny_config(arch: str, num_labels: Optional[int] = None):
     """A ``transformers`` config of a tiny ``arch`` model sized for the word tokenizer."""
     if arch not in _ARCH_OVERRIDES:
-        raise ValueError(f"No tiny builder for architecture {arch!r}; choose one of {sorted(_ARCH_OVERRIDES)}")
+        raise ConfigError(f"No tiny builder for architecture {arch!r}; choose one of {sorted(_ARCH_OVERRIDES)}")
     sizes = {} if arch == "gpt2" else dict(_TINY_SIZES, max_position_embeddings=256)
     config = AutoConfig.for_model(
         arch,
@@ -145,7 +146,7 @@ def resolve_model_path(name_or_path: str) -> str:
     name = name_or_path[len(BUILTIN_PREFIX):]
     parts = name.split("-")
     if len(parts) not in (2, 3) or parts[0] != "tiny" or (len(parts) == 3 and parts[2] != "classifier"):
-        raise ValueError(
+        raise ConfigError(
             f"Unknown built-in model {name_or_path!r}: use 'builtin:tiny-<arch>' or "
             f"'builtin:tiny-<arch>-classifier' with arch in {sorted(_ARCH_OVERRIDES)}"
         )

@@ -15,3 +15,17 @@ def words(prompts, completions):
 
 def characters(prompts, completions):
     return [float(len(c)) for c in completions]
+
+
+_calls = {"n": 0}
+
+
+def fails_at_third_call(prompts, completions):
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        raise RuntimeError("reward function failed (on purpose, in a test)")
+    return [0.0] * len(completions)
+
+
+def strings(prompts, completions):
+    return ["good"] * len(completions)

@@ -83,17 +83,30 @@ def test_ppo_trains_lora_and_value_head_only(tiny_llama, tmp_path):
 
 
 def test_mean_reward_rises_on_a_learnable_reward(tiny_llama, tmp_path):
+    """The quickstart's settings: the score rises while the KL levels off and the completions stay varied."""
     L.seed_everything(0)
-    # the quickstart's settings; seeds 0-2 all end near 0.97 from about 0.01
-    module = make_module(tiny_llama, max_new_tokens=12, lr=4e-3, lora_r=16, ppo=PPOConfig(ppo_epochs=4, num_minibatches=2))
+    module = PPOModule(
+        policy=PolicyConfig(tiny_llama, lora_r=16, lora_alpha=32), reward=RewardConfig(function=SENTIMENT),
+        generation=SamplingConfig(max_new_tokens=12, temperature=1.0, stop_tokens=[]),
+        ppo=PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=0.02, target_kl=0.05),
+        optimizer=OptimizerConfig(lr=3e-3, scheduler="linear"),
+    )
     recorder = Recorder()
-    fit(module, make_data(tiny_llama, batch_size=32), tmp_path, max_epochs=12, limit_train_batches=None,
+    fit(module, make_data(tiny_llama, batch_size=64), tmp_path, max_epochs=24, limit_train_batches=None,
         callbacks=[recorder])
-    scores = recorder.history["objective/scores"]
-    first, last = sum(scores[:10]) / 10, sum(scores[-10:]) / 10
-    assert len(scores) == 96
-    # noise of a 10-iteration mean is ~0.01 here (score std ~0.14 over 32 prompts)
-    assert last > first + 0.5, (first, last)
+    history = recorder.history
+    assert len(history["objective/scores"]) == 96
+
+    def mean(name, part):
+        values = history[name][:10] if part == "first" else history[name][-10:]
+        return sum(values) / len(values)
+
+    # seeds 0-2 go from ~0.02 to ~0.3 (noise of a 10-iteration mean: ~0.02)
+    assert mean("objective/scores", "last") > mean("objective/scores", "first") + 0.15
+    assert mean("val/distinct_2", "last") > 0.75  # no collapse onto one completion
+    assert 10 < mean("objective/kl", "last") < 30
+    kl = history["objective/kl"]
+    assert sum(kl[-10:]) / 10 - sum(kl[-30:-20]) / 10 < 0.25 * sum(kl[-10:]) / 10  # the KL levels off
 
 
 def test_reward_model_and_separate_reference(tiny_llama, tiny_classifier, tmp_path):
@@ -215,6 +228,7 @@ def test_checkpoint_holds_trained_weights_and_restores_them(tiny_llama, tmp_path
 @pytest.mark.parametrize("function, message", [
     ("reward_fns:wrong_count", "returned 1 scores for 4 completions"),
     ("reward_fns:not_a_number", "non-finite scores"),
+    ("reward_fns:strings", r"must return a list of numbers, one per completion; got list of str \('good', 'good', 'good', \.\.\.\)"),
 ])
 def test_bad_reward_function_output(tiny_llama, tmp_path, function, message):
     module = make_module(tiny_llama, reward_function=function, ppo=PPOConfig(ppo_epochs=1))
@@ -230,7 +244,7 @@ def test_minibatches_must_divide_batch(tiny_llama, tmp_path):
 
 def test_prompt_plus_response_longer_than_context(tiny_llama, tmp_path):
     module = make_module(tiny_llama, max_new_tokens=300)
-    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
+    with pytest.raises(ValueError, match=r"max_new_tokens=300 = 316 exceeds the context of policy.model_name_or_path \(256 tokens\)"):
         fit(module, make_data(tiny_llama), tmp_path)
 
 

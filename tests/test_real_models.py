@@ -239,11 +239,12 @@ def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
         "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu",
         f"--model.policy.model_name_or_path={policy}",
         "--model.reward.model_name_or_path=builtin:tiny-llama-classifier",
-        f"--data.path={QUICKSTART_PROMPTS}", "--data.batch_size=8",
+        f"--data.path={QUICKSTART_PROMPTS}", "--data.batch_size=8", "--data.max_prompt_length=32",
         "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1", cwd=tmp_path,
     )  # W&B runs offline in the tests (WANDB_MODE=offline)
     assert result.returncode == 0, result.stderr[-3000:]
     name = recipe.removesuffix(".yaml")
     log = next((tmp_path / "outputs" / name / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert b"objective/scores" in log and b"loss/policy_avg" in log
-    assert (tmp_path / "outputs" / name / "checkpoints" / "last.ckpt").exists()
+    (run_dir,) = (tmp_path / "outputs" / name / "lit-rlhf").iterdir()  # <save_dir>/<project>/<run id>
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()

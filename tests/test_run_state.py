@@ -9,13 +9,13 @@ import sys
 import time
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from conftest import REPO_ROOT
-from lit_rlhf.callbacks import AtomicCheckpointIO, PreemptionCheckpoint, SampleTable
+from lit_rlhf.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
 from lit_rlhf.module import PPOConfig
 from test_cli import QUICKSTART, run_cli
 from test_module import Recorder, make_data, make_module
@@ -121,22 +121,50 @@ def test_signal_writes_checkpoint_and_run_resumes(signum, tmp_path):
     finally:
         process.kill()
     assert process.returncode == (143 if signum == signal.SIGTERM else 1), output[-3000:]
-    last = tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "outputs" / "quickstart" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
     assert last.exists(), output[-3000:]
     checkpoint = torch.load(last, weights_only=False)
     iteration = checkpoint["ppo_progress"]["iteration"]
-    assert 1 <= iteration < 50 * 8
-    assert checkpoint["PromptDataModule"]["batches_consumed"] == iteration % 8
+    per_epoch = 4  # 256 prompts, 64 per iteration
+    assert 1 <= iteration < 50 * per_epoch
+    assert checkpoint["PromptDataModule"]["batches_consumed"] == iteration % per_epoch
     assert "Saved" in output
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics["objective/scores"].dropna()) == iteration  # the interrupted iteration's row is there
 
-    # resume and finish the interrupted epoch plus one more
-    epochs = iteration // 8 + 2
+    # resume, in the same run folder, and finish the interrupted epoch plus one more
+    epochs = iteration // per_epoch + 2
     resumed = run_cli("fit", *QUICKSTART, f"--trainer.max_epochs={epochs}", "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr + resumed.stdout
+    assert "Restoring states from the checkpoint path at outputs/quickstart/version_0/checkpoints/last.ckpt" in (
+        resumed.stderr + resumed.stdout)
     assert sorted(os.listdir(last.parent))[-1] == "last.ckpt"  # overwritten, no last-v1.ckpt beside it
+    assert os.listdir(run_dir.parent) == ["version_0"]
     final = torch.load(last, weights_only=True)  # resumable checkpoints load without unpickling code
-    assert final["ppo_progress"]["iteration"] == epochs * 8
+    assert final["ppo_progress"]["iteration"] == epochs * per_epoch
+    steps = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["objective/scores"])["step"].tolist()
+    assert steps == list(range(epochs * per_epoch))  # one table, every iteration once
+
+
+def test_a_crash_leaves_a_checkpoint_that_exports_and_resumes(tmp_path):
+    """A reward function that raises at its 3rd call: last.ckpt holds the state reached, and
+    ``lit-rlhf export --checkpoint`` turns it into a model; a resume refuses another recipe's checkpoint."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {"PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = run_cli("fit", *QUICKSTART, "--model.reward.function=reward_fns:fails_at_third_call", cwd=tmp_path,
+                     env=env)
+    assert result.returncode != 0 and "reward function failed" in result.stderr
+    last = tmp_path / "outputs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["ppo_progress"]["iteration"] == 2
+    exported = run_cli("export", "--checkpoint", str(last), "--output_dir", str(tmp_path / "merged"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+    other = run_cli("fit", *QUICKSTART, "--data.batch_size=32", "--ckpt_path", "last", cwd=tmp_path, env=env)
+    assert other.returncode == 2 and "written by a run of another recipe" in other.stderr
+    assert "data.batch_size: 64 -> 32" in other.stderr
 
 
 def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
@@ -194,11 +222,14 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_llama, tmp_path):
 
 
 def test_sample_table_and_metrics_in_offline_wandb_run(tmp_path):
+    """W&B (offline): metrics and sample tables in the run, the project defaults to lit-rlhf, and everything
+    of the run (config, samples, policy, checkpoints) sits in the run's own folder; a resume continues it."""
+    wandb_args = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={tmp_path}",
+                  "--trainer.logger.offline=true"]
     result = run_cli(
-        "fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.project=lit-rlhf-tests", "--trainer.logger.offline=true",
-        "--trainer.callbacks=lit_rlhf.callbacks.SampleTable", "--trainer.callbacks.every_n_steps=2", cwd=tmp_path,
+        "fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", *wandb_args,
+        "--trainer.callbacks=lit_rlhf.callbacks.SampleTable", "--trainer.callbacks.every_n_steps=2",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
@@ -206,9 +237,20 @@ def test_sample_table_and_metrics_in_offline_wandb_run(tmp_path):
     log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
     for key in (b"objective/scores", b"objective/kl", b"loss/policy_avg", b"policy/approxkl_avg", b"lr", b"ppo_epochs"):
         assert key in log, key
+    assert b"lit-rlhf" in log  # the default project
     tables = sorted(glob.glob(os.path.join(runs[0], "files", "media", "table", "samples_*.table.json")))
     assert len(tables) == 2  # iterations 1 and 3
     table = json.load(open(tables[0]))
     assert table["columns"] == ["prompt", "completion", "score", "kl", "reward"] and len(table["data"]) == 8
-    rows = [json.loads(line) for line in open(glob.glob(str(tmp_path / "**" / "samples.jsonl"), recursive=True)[0])]
+    (run_dir,) = (tmp_path / "lit-rlhf").iterdir()  # <save_dir>/<project>/<run id>
+    rows = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
     assert [r["iteration"] for r in rows] == [1] * 8 + [3] * 8
+    for name in ("config.yaml", "policy/adapter_model.safetensors", "checkpoints/last.ckpt"):
+        assert (run_dir / name).exists(), name
+
+    resumed = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", *wandb_args,
+                      "--trainer.callbacks=lit_rlhf.callbacks.SampleTable", "--trainer.callbacks+=ModelCheckpoint",
+                      "--trainer.callbacks.save_last=true", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [path.name for path in (tmp_path / "lit-rlhf").iterdir()] == [run_dir.name]  # the same run folder
+    assert {path.name.rsplit("-", 1)[-1] for path in (tmp_path / "wandb").glob("offline-run-*")} == {run_dir.name}
