@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Optional
 
+import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -14,11 +16,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import load_tokenizer
 
+# val_dataloader returns no loader when there is no data.val_path: not a mistake
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_prompts(path: str, prompt_field: str, split: str) -> list[str]:
-    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset.
+def load_prompts(path: str, prompt_field: str, split: str) -> tuple[list[str], dict[str, list]]:
+    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset, and the
+    other columns (e.g. the answers a verifiable reward checks against).
 
     Every prompt must be text: a missing, null or numeric value is an error naming its row, never a
     prompt "None" or "42".
@@ -64,7 +70,8 @@ def load_prompts(path: str, prompt_field: str, split: str) -> list[str]:
             raise ConfigError(
                 f"data.path={path!r}, row {row}: data.prompt_field={prompt_field!r} {what}; fix or remove that row"
             )
-    return prompts
+    columns = {name: list(dataset[name]) for name in dataset.column_names if name != prompt_field}
+    return prompts, columns
 
 
 def _raise_for_bad_json_line(path: str) -> None:
@@ -137,6 +144,9 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        val_path: Optional[str] = None,
+        val_split: Optional[str] = None,
+        val_batch_size: Optional[int] = None,
         tokenizer: Optional[str] = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -153,6 +163,11 @@ class PromptDataModule(L.LightningDataModule):
             shuffle: Shuffle prompts each epoch.
             seed: Seed of the shuffling (each epoch's order depends only on it and the epoch).
             num_workers: DataLoader worker processes.
+            val_path: Held-out prompts (same formats and fields) for evaluation during training: Lightning's
+                validation loop runs on them every ``trainer.check_val_every_n_epoch`` epochs (or
+                ``val_check_interval`` iterations) and logs ``eval/`` metrics.
+            val_split: Split of ``val_path`` (default: ``split``).
+            val_batch_size: Prompts per evaluation batch (default: ``batch_size``).
             tokenizer: Tokenizer to use; the CLI sets it to the policy's ``model_name_or_path``.
             trust_remote_code: Allow the tokenizer's own code to run.
         """
@@ -174,16 +189,22 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError("data.tokenizer is not set: give the policy's model_name_or_path")
         tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
         self.pad_token_id = tokenizer.pad_token_id
-        prompts = load_prompts(hp.path, hp.prompt_field, hp.split)
-        if len(prompts) < hp.batch_size:
+        self.examples = self._examples(tokenizer, hp.path)
+        if len(self.examples) < hp.batch_size:
             raise ConfigError(
-                f"data.path={hp.path!r} has {len(prompts)} prompts, fewer than data.batch_size={hp.batch_size}: "
+                f"data.path={hp.path!r} has {len(self.examples)} prompts, fewer than data.batch_size={hp.batch_size}: "
                 "lower the batch size or add prompts"
             )
+        self.val_examples = self._examples(tokenizer, hp.val_path, hp.val_split) if hp.val_path else []
+
+    def _examples(self, tokenizer, path: str, split: Optional[str] = None) -> list[dict[str, Any]]:
+        """The prompts of ``path``, tokenized (shortened if allowed), with their other columns."""
+        hp = self.hparams
+        prompts, columns = load_prompts(path, hp.prompt_field, split or hp.split)
         if hp.apply_chat_template and tokenizer.chat_template is None:
             raise ConfigError(f"data.apply_chat_template is set but the tokenizer of {hp.tokenizer!r} has no chat template")
-        truncated = 0
-        for prompt in prompts:
+        examples, truncated = [], 0
+        for row, prompt in enumerate(prompts):
             ids = self._encode(tokenizer, prompt)
             if len(ids) > hp.max_prompt_length:
                 if not hp.truncate_prompts:
@@ -195,12 +216,13 @@ class PromptDataModule(L.LightningDataModule):
                 truncated += 1
             if not ids:
                 raise ConfigError(f"A prompt tokenizes to no tokens: {prompt!r}; remove empty prompts from the data")
-            self.examples.append({"prompt": prompt, "input_ids": ids})
+            examples.append({"prompt": prompt, "input_ids": ids, "columns": {k: v[row] for k, v in columns.items()}})
         if truncated:
             rank_zero_warn(
-                f"{truncated} of {len(prompts)} prompts were longer than data.max_prompt_length="
+                f"{truncated} of {len(prompts)} prompts of {path!r} were longer than data.max_prompt_length="
                 f"{hp.max_prompt_length} tokens and were cut to their last tokens (data.truncate_prompts)"
             )
+        return examples
 
     def _encode(self, tokenizer, prompt: str) -> list[int]:
         """The token ids the policy sees for ``prompt``: as a chat user turn or as plain text."""
@@ -231,7 +253,26 @@ class PromptDataModule(L.LightningDataModule):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = left_pad([e["input_ids"] for e in examples], self.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompts": [e["prompt"] for e in examples]}
+        columns = {k: [e["columns"][k] for e in examples] for k in examples[0]["columns"]}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompts": [e["prompt"] for e in examples],
+                "columns": columns}
+
+    def random_batch(self, count: int, seed: int) -> dict[str, Any]:
+        """``count`` training prompts drawn at random by a generator seeded with ``seed`` (dynamic sampling's
+        replacements: the same seed draws the same prompts, also in a resumed run)."""
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + seed)
+        rows = torch.randint(len(self.examples), (count,), generator=generator).tolist()
+        return self.collate([self.examples[i] for i in rows])
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """Held-out prompts (``val_path``) for evaluation during training; none without it."""
+        if not getattr(self, "val_examples", None):
+            return []
+        hp = self.hparams
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = DistributedSampler(self.val_examples, world_size, rank, shuffle=False, drop_last=False)
+        return DataLoader(self.val_examples, batch_size=hp.val_batch_size or hp.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

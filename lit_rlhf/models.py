@@ -8,10 +8,9 @@ adapter disabled, so no second copy of the weights is held in memory.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
@@ -66,6 +65,10 @@ class PolicyConfig:
     """Std of the value head's normal init; 0 starts it at zero (values 0 before any update)."""
     value_head_from_reward: bool = False
     """Initialize the value head from the reward model's score head (hidden sizes must match)."""
+    critic: Literal["shared_head", "adapter"] = "shared_head"
+    """Where PPO's value function lives (``gae`` only): a head on the policy's own last hidden state
+    (``shared_head``), or a second LoRA adapter plus head on the same frozen base (``adapter``): a separate
+    critic without a second copy of the base weights."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
     in the PPO passes for about one more forward."""
@@ -411,6 +414,15 @@ class ResponseOutput(NamedTuple):
     entropy: Optional[Tensor]
 
 
+def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
+    """The backbone's last hidden states at the positions that predict the response tokens."""
+    backbone, _ = backbone_and_head(model)
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state[:, context_length - 1 : -1]
+
+
 def response_forward(
     model: nn.Module,
     input_ids: Tensor,
@@ -426,11 +438,8 @@ def response_forward(
     The LM head runs on the response positions only, and the value head on the same hidden states. The
     entropy (a full pass over the vocabulary) is computed without a graph unless ``entropy_grad``.
     """
-    backbone, lm_head = backbone_and_head(model)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    ).last_hidden_state[:, context_length - 1 : -1]
+    _, lm_head = backbone_and_head(model)
+    hidden = response_hidden(model, input_ids, attention_mask, context_length)
     logprobs, entropy = head_logprobs(
         hidden, lm_head, input_ids[:, context_length:], temperature, with_entropy, entropy_grad,
         LogitTransform.of(model.config),
@@ -441,27 +450,60 @@ def response_forward(
     return ResponseOutput(logprobs, values, entropy)
 
 
-class PolicyWithValueHead(nn.Module):
-    """A LoRA-adapted causal LM plus a scalar value head on its last hidden state.
+POLICY_ADAPTER, CRITIC_ADAPTER = "default", "critic"
 
+
+class PolicyWithValueHead(nn.Module):
+    """A LoRA-adapted causal LM plus a scalar value head (None for critic-free training).
+
+    The value head reads the policy's own last hidden state, or, with ``critic_adapter``, the hidden state
+    of the same frozen base under a second LoRA adapter (a separate critic, no second copy of the base).
     Every use of the weights goes through one of three entry points (``forward``, ``reference_logprobs``,
     ``generate``), so that a strategy sharding this module (FSDP2) can gather its weights around each.
     """
 
-    def __init__(self, model: nn.Module, value_head: nn.Linear) -> None:
+    def __init__(self, model: nn.Module, value_head: Optional[nn.Linear], critic_adapter: bool = False) -> None:
         super().__init__()
         self.model = model
         self.value_head = value_head
+        self.critic_adapter = critic_adapter
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
         with_entropy: bool = False, entropy_grad: bool = False,
     ) -> ResponseOutput:
-        """Log-probs, values (and entropy) of the response tokens under the adapted policy."""
-        return response_forward(
-            self.model, input_ids, attention_mask, context_length, temperature, self.value_head, with_entropy,
+        """Log-probs, values (None without a value head) and entropy of the response tokens."""
+        shared_head = self.value_head if not self.critic_adapter else None
+        out = response_forward(
+            self.model, input_ids, attention_mask, context_length, temperature, shared_head, with_entropy,
             entropy_grad,
         )
+        if self.critic_adapter:
+            with self._adapter(CRITIC_ADAPTER):
+                hidden = response_hidden(self.model, input_ids, attention_mask, context_length)
+            out = out._replace(values=self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
+        return out
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        """Run the LoRA adapter ``name`` inside this block."""
+        with self._trainable_kept():
+            self.model.base_model.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.model.base_model.set_adapter(POLICY_ADAPTER)
+
+    @contextlib.contextmanager
+    def _trainable_kept(self) -> Iterator[None]:
+        """peft's ``set_adapter`` (also called when adapters are re-enabled) makes the active adapter the only
+        one that trains: keep what trains as it was (both adapters with a critic adapter)."""
+        trainable = [p.requires_grad for p in self.model.parameters()]
+        try:
+            yield
+        finally:
+            for parameter, flag in zip(self.model.parameters(), trainable):
+                parameter.requires_grad_(flag)
 
     def reference_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float
@@ -490,7 +532,7 @@ class PolicyWithValueHead(nn.Module):
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """Run the frozen base model (the default reference policy) inside this block."""
-        with self.model.disable_adapter():
+        with self._trainable_kept(), self.model.disable_adapter():
             yield
 
     def save_pretrained(self, directory: str | os.PathLike, is_main_process: bool = True) -> None:
@@ -506,11 +548,14 @@ class PolicyWithValueHead(nn.Module):
         def gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
             return {k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()}
 
-        adapter = gathered({k: v for k, v in self.model.state_dict().items() if "lora_" in k})
-        head = gathered(self.value_head.state_dict())
+        adapter = gathered({
+            k: v for k, v in self.model.state_dict().items() if "lora_" in k and f".{CRITIC_ADAPTER}." not in k
+        })
+        head = gathered(self.value_head.state_dict()) if self.value_head is not None else None
         if is_main_process:
-            self.model.save_pretrained(directory, state_dict=adapter)
-            save_file(head, os.path.join(directory, "value_head.safetensors"))
+            self.model.save_pretrained(directory, state_dict=adapter, selected_adapters=[POLICY_ADAPTER])
+            if head is not None:
+                save_file(head, os.path.join(directory, "value_head.safetensors"))
 
 
 _STOCHASTIC_SETTINGS = ("dropout", "pdrop", "layerdrop", "jitter")  # dropout, GPT-2's *_pdrop, OPT, Mixtral
@@ -537,8 +582,11 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> PolicyWithValueHead:
-    """Load the base causal LM (quantized if asked), add the LoRA adapter and a fresh value head."""
+def load_policy(
+    config: PolicyConfig, device: Optional[torch.device] = None, value_head: bool = True
+) -> PolicyWithValueHead:
+    """Load the base causal LM (quantized if asked), add the LoRA adapter and (for PPO) a fresh value head,
+    on the policy's hidden state or on a critic adapter of its own (``config.critic``)."""
     if config.lora_r <= 0:
         raise ConfigError("policy.lora_r must be positive: lit-rlhf trains a LoRA adapter on a frozen base model")
     base = load_causal_lm(
@@ -563,15 +611,23 @@ def load_policy(config: PolicyConfig, device: Optional[torch.device] = None) -> 
     if config.gradient_checkpointing:
         # non-reentrant: works with a frozen base (no input that requires grad) and with sharded weights
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    hidden_size = base.get_output_embeddings().in_features
-    value_head = nn.Linear(hidden_size, 1)
-    if config.value_head_init_std > 0:
-        nn.init.normal_(value_head.weight, std=config.value_head_init_std)
-    else:
-        nn.init.zeros_(value_head.weight)
-    nn.init.zeros_(value_head.bias)
     check_logprobs_match_model(model, config.model_name_or_path)
-    return PolicyWithValueHead(model, value_head)
+    if not value_head:
+        return PolicyWithValueHead(model, None)
+    critic_adapter = config.critic == "adapter"
+    if critic_adapter:
+        model.add_adapter(CRITIC_ADAPTER, lora)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name)  # both adapters train; the base stays frozen
+    elif config.critic != "shared_head":
+        raise ConfigError(f"policy.critic={config.critic!r}: use shared_head or adapter")
+    head = nn.Linear(base.get_output_embeddings().in_features, 1)
+    if config.value_head_init_std > 0:
+        nn.init.normal_(head.weight, std=config.value_head_init_std)
+    else:
+        nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return PolicyWithValueHead(model, head, critic_adapter)
 
 
 @torch.no_grad()
@@ -609,27 +665,6 @@ def check_logprobs_match_model(model: nn.Module, name: str, length: int = 8) -> 
             "logits in a way lit-rlhf does not know yet: please report it"
         )
     return difference
-
-
-ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
-
-
-def import_reward_function(spec: str) -> ScoreFn:
-    """Import ``package.module:function`` (the ``reward.function`` field) and check it is callable."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"reward.function={spec!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(
-            f"reward.function={spec!r}: cannot import module {module_name!r} ({err}). Make sure it is "
-            "installed or on PYTHONPATH."
-        ) from err
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"reward.function={spec!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
 
 
 class SequenceClassifierReward(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import time
@@ -11,8 +10,8 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -24,121 +23,17 @@ from lit_rlhf.errors import ConfigError, TrainingError
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
-    DType, PolicyConfig, Quantization, SequenceClassifierReward, disable_dropout, freeze, import_reward_function,
-    init_value_head_from_reward, load_causal_lm, load_generation_config, load_policy, load_tokenizer,
+    PolicyConfig, SequenceClassifierReward, disable_dropout, freeze, init_value_head_from_reward, load_causal_lm, load_generation_config, load_policy, load_tokenizer,
     model_context_length, response_forward,
 )
-from lit_rlhf.rollout import SamplingConfig, response_mask, sample_responses, stop_token_ids, trim_padding
+from lit_rlhf.checkpoints import plain, recipe_changes, resume_cut_epoch_mid_epoch
+from lit_rlhf.configs import EvaluationConfig, OptimizerConfig, PPOConfig, ReferenceConfig, RewardConfig
+from lit_rlhf.rewards import FunctionReward, HTTPReward, RewardSet
+from lit_rlhf.rollout import Samples, SamplingConfig, response_mask, sample_responses, stop_token_ids, trim_padding
 from lit_rlhf.sharding import shard_policy
 
 # Frozen models and the policy are kept in eval mode on purpose: dropout stays off in rollouts and PPO passes.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-
-
-@dataclass
-class RewardConfig:
-    """Where scores come from: a sequence-classification model or a Python function (exactly one)."""
-
-    model_name_or_path: Optional[str] = None
-    """A sequence-classification checkpoint (hub id, local folder or ``builtin:tiny-<arch>-classifier``)."""
-    function: Optional[str] = None
-    """``package.module:function`` taking ``(prompts, completions)`` and returning one score each."""
-    label_index: Optional[int] = None
-    """Which logit is the reward, for classifiers with more than one label."""
-    dtype: DType = "float32"
-    """Dtype of the reward model's weights."""
-    quantization: Quantization = None
-    """Load the reward model in ``4bit`` (nf4) or ``8bit`` with bitsandbytes."""
-    batch_size: Optional[int] = None
-    """Score in chunks of this many sequences (None: the whole rollout at once)."""
-    missing_eos_penalty: Optional[float] = None
-    """Subtracted from the score of every response that never emitted the stop token."""
-    normalize: Literal["none", "running", "fixed"] = "none"
-    """``running``: standardize scores with the running mean/std of all scores so far;
-    ``fixed``: ``(score - shift) / scale``."""
-    shift: float = 0.0
-    """Subtracted from scores when ``normalize`` is ``fixed``."""
-    scale: float = 1.0
-    """Divides scores when ``normalize`` is ``fixed``."""
-    clip: Optional[float] = None
-    """Clip (normalized) scores to ``[-clip, clip]``."""
-
-
-@dataclass
-class ReferenceConfig:
-    """The frozen reference policy of the KL penalty."""
-
-    model_name_or_path: Optional[str] = None
-    """A separate reference checkpoint (e.g. another SFT model); None uses the policy with its adapter off,
-    which holds no second copy of the weights."""
-    quantization: Quantization = None
-    """Load the separate reference in ``4bit`` or ``8bit`` (its dtype is the policy's)."""
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters; defaults follow TRL's so that results compare."""
-
-    ppo_epochs: int = 4
-    """Optimization passes over each rollout."""
-    num_minibatches: int = 1
-    """Minibatches per pass; must divide the batch size. One optimizer step per minibatch."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch whose gradients are accumulated before the step."""
-    gamma: float = 1.0
-    """Discount factor."""
-    lam: float = 0.95
-    """GAE lambda."""
-    clip_range: float = 0.2
-    """Clip range of the importance ratio."""
-    clip_range_value: float = 0.2
-    """Clip range of the value update."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    ent_coef: float = 0.0
-    """Weight of the entropy bonus (0 turns it off)."""
-    kl_coef: float = 0.05
-    """Initial coefficient of the per-token KL penalty against the reference."""
-    kl_estimator: ppo_math.KLEstimator = "k1"
-    """KL estimator: k1 (log ratio), k2 or k3."""
-    adaptive_kl: bool = False
-    """Adapt the KL coefficient towards ``kl_target`` (Ziegler et al.)."""
-    kl_target: float = 6.0
-    """Target sequence KL of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive controller."""
-    whiten_advantages: bool = True
-    """Normalize advantages over each rollout."""
-    whiten_rewards: bool = False
-    """Normalize rewards (without shifting the mean) before GAE."""
-    max_grad_norm: Optional[float] = 1.0
-    """Clip the gradient norm to this value; None turns clipping off."""
-    target_kl: Optional[float] = None
-    """Stop the PPO epochs of an iteration early once the mean approx KL exceeds this."""
-    disable_dropout: bool = True
-    """Set every dropout probability of the policy to 0, so PPO passes compute the same log-probs as the
-    rollout did (rollouts never use dropout). The PPO passes run in training mode either way."""
-    max_consecutive_skips: int = 5
-    """Optimizer steps are skipped (with a warning) when the loss or a gradient is NaN/inf; after this many
-    skips in a row the run stops with an error and a checkpoint of the last good state."""
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW on the LoRA and value-head weights, with an optional warm-up and decay."""
-
-    lr: float = 1e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
-    eps: float = 1e-5
-    """Adam epsilon (1e-5, as in the published PPO implementations)."""
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    """Decay of the learning rate to 0 over the run (per optimizer step)."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
 
 
 @dataclass
@@ -150,7 +45,7 @@ class Rollout:
     context_length: int
     mask: Tensor
     logprobs: Tensor
-    values: Tensor
+    values: Optional[Tensor]  # None without a critic (critic-free estimators)
     advantages: Tensor
     returns: Tensor
     stats: dict[str, Tensor]
@@ -159,6 +54,8 @@ class Rollout:
     scores: Tensor
     kl: Tensor
     rewards: Tensor
+    ref_logprobs: Optional[Tensor] = None  # kept for ppo.kl_in_loss
+    loss_mask: Optional[Tensor] = None  # ``mask`` without the responses that contribute no loss
 
     def samples(self) -> dict[str, list]:
         """Per-response rows for sample tables: prompt, completion, score, KL and total reward."""
@@ -182,6 +79,7 @@ class PPOModule(L.LightningModule):
         generation: SamplingConfig = SamplingConfig(),
         ppo: PPOConfig = PPOConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
         release_host_memory: bool = True,
     ) -> None:
         """
@@ -192,26 +90,29 @@ class PPOModule(L.LightningModule):
             generation: Sampling settings of the rollouts.
             ppo: PPO hyper-parameters.
             optimizer: Optimizer and learning-rate schedule.
+            evaluation: How held-out prompts (``data.val_path``) are answered and scored during training.
             release_host_memory: On CPU, have glibc return large freed blocks to the system at once
                 (``mallopt`` mmap threshold of 4 MiB); lowers peak resident memory. Process-wide.
         """
         super().__init__()
-        if (reward.model_name_or_path is None) == (reward.function is None):
-            raise ConfigError("Set exactly one of reward.model_name_or_path and reward.function")
+        reward.terms()  # exactly one source (or a list of them)
         if ppo.num_minibatches < 1 or ppo.gradient_accumulation_steps < 1 or ppo.ppo_epochs < 1:
             raise ConfigError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
         if generation.temperature <= 0:
             raise ConfigError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
         # Plain dicts, so that checkpoints load with ``torch.load(weights_only=True)`` and hparams.yaml reads well.
         self.save_hyperparameters({  # lists, not tuples: hparams.yaml must load with yaml.safe_load
-            name: _plain(asdict(config)) for name, config in (
+            name: plain(asdict(config)) for name, config in (
                 ("policy", policy), ("reward", reward), ("reference", reference), ("generation", generation),
-                ("ppo", ppo), ("optimizer", optimizer),
+                ("ppo", ppo), ("optimizer", optimizer), ("evaluation", evaluation),
             )
         } | {"release_host_memory": release_host_memory})
         # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
+        self.evaluation = evaluation
+        if evaluation.num_samples < 1 or (evaluation.num_samples > 1 and evaluation.temperature == 0):
+            raise ConfigError("evaluation.num_samples > 1 needs evaluation.temperature > 0 (greedy completions repeat)")
         self.release_host_memory = release_host_memory
         self.automatic_optimization = False
         self.score_moments = ppo_math.RunningMoments()
@@ -245,7 +146,7 @@ class PPOModule(L.LightningModule):
                 "shard bitsandbytes weights. Use DDP with a quantized policy, or shard an unquantized one"
             )
         self._prepare()
-        self.policy = load_policy(policy_cfg, device)
+        self.policy = load_policy(policy_cfg, device, value_head=self.uses_critic)
         if self.ppo_config.disable_dropout:
             disable_dropout(self.policy)
         vocab_size = self.policy.model.get_input_embeddings().num_embeddings
@@ -254,19 +155,33 @@ class PPOModule(L.LightningModule):
                 f"The tokenizer of policy.model_name_or_path has {len(self.tokenizer)} tokens but the model's "
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
-        if reference_cfg.model_name_or_path is not None:
+        if reference_cfg.model_name_or_path is not None and self.uses_reference:
             self._frozen_models["reference"] = freeze(load_causal_lm(
                 reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
                 field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
             ))
-        if reward_cfg.model_name_or_path is not None:
-            self._frozen_models["reward"] = SequenceClassifierReward(
-                reward_cfg.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
-                policy_cfg.trust_remote_code, reward_cfg.quantization, reward_cfg.batch_size, device,
-            )
+        sources = []
+        for term in reward_cfg.terms():
+            if term.model_name_or_path is not None:
+                model = SequenceClassifierReward(
+                    term.model_name_or_path, self.tokenizer, reward_cfg.label_index, reward_cfg.dtype,
+                    policy_cfg.trust_remote_code, reward_cfg.quantization, reward_cfg.batch_size, device,
+                )
+                self._frozen_models.setdefault("reward", model)  # the first reward model (value-head init)
+                self._frozen_models[f"reward:{term.label()}"] = model
+                source = _ModelReward(model)
+            elif term.url is not None:
+                source = HTTPReward(term.url, reward_cfg.timeout, reward_cfg.retries)
+            else:
+                source = FunctionReward(term.function, term.kwargs)
+            sources.append((term.label(), term.weight, source))
+        self.rewards = RewardSet(sources)
         if policy_cfg.value_head_from_reward:
-            if self.reward_model is None:
-                raise ConfigError("policy.value_head_from_reward needs reward.model_name_or_path, not a reward function")
+            if self.reward_model is None or self.policy.value_head is None:
+                raise ConfigError(
+                    "policy.value_head_from_reward needs a reward model (reward.model_name_or_path) and a critic "
+                    "(ppo.advantage_estimator: gae)"
+                )
             init_value_head_from_reward(self.policy.value_head, self.reward_model)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard the policy with FSDP2 over the mesh
             shard_policy(self.policy, self.device_mesh)
@@ -281,9 +196,12 @@ class PPOModule(L.LightningModule):
         generation_config = load_generation_config(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
         checkpoint_eos = getattr(generation_config, "eos_token_id", None)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
-        self.reward_function = None
-        if self.reward_config.function is not None:
-            self.reward_function = import_reward_function(self.reward_config.function)
+        self._check_algorithm()
+        for term in self.reward_config.terms():  # importable functions, valid URLs: before any weight loads
+            if term.function is not None:
+                FunctionReward(term.function, term.kwargs)
+            elif term.url is not None:
+                HTTPReward(term.url)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data = getattr(datamodule, "hparams", None)
         if data is not None and getattr(data, "batch_size", None) is not None:
@@ -296,6 +214,26 @@ class PPOModule(L.LightningModule):
                     f"{self.sampling.max_new_tokens} = {total} exceeds the context of policy.model_name_or_path "
                     f"({context} tokens): lower one of them"
                 )
+
+    def _check_algorithm(self) -> None:
+        """Settings that cannot work together, named with their fields."""
+        hp, groups = self.ppo_config, self.sampling.num_generations
+        if groups < 1:
+            raise ConfigError(f"generation.num_generations must be >= 1, got {groups}")
+        if hp.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline") and groups < 2:
+            raise ConfigError(
+                f"ppo.advantage_estimator={hp.advantage_estimator} compares the responses to one prompt: set "
+                "generation.num_generations to 2 or more (e.g. 8)"
+            )
+        if hp.dynamic_sampling and groups < 2:
+            raise ConfigError("ppo.dynamic_sampling drops groups of equal scores: set generation.num_generations >= 2")
+        if self.policy_config.critic == "adapter" and self.device_mesh is not None:
+            raise ConfigError("policy.critic=adapter is not supported with sharding (ModelParallelStrategy) yet")
+        if self.reference_config.model_name_or_path is not None and not self.uses_reference:
+            warnings.warn(
+                "reference.model_name_or_path is set but ppo.kl_coef is 0 and ppo.kl_in_loss is false: the "
+                "reference is not used and not loaded", UserWarning, stacklevel=2,
+            )
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -398,48 +336,30 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, Any]) -> Rollout:
-        """Sample responses, score them, and compute KL-penalized rewards and GAE advantages."""
-        sampling, ppo_cfg, reward_cfg = self.sampling, self.ppo_config, self.reward_config
+        """Sample ``num_generations`` responses per prompt, score them, and compute advantages with the
+        configured estimator (GAE on KL-penalized rewards, or a critic-free one)."""
+        ppo_cfg = self.ppo_config
         self.policy.eval()
-        queries, query_mask = batch["input_ids"], batch["attention_mask"]
+        samples = self.sample(batch)
+        raw_scores, each_reward = self.score(samples)
+        dynamic_stats: dict[str, float] = {}
+        if ppo_cfg.dynamic_sampling:
+            samples, raw_scores, each_reward, dynamic_stats = self._dynamic_sampling(samples, raw_scores, each_reward)
+        queries, responses, mask = samples.queries, samples.responses, samples.mask
         context_length = queries.shape[1]
-        self._check_sequence_length(context_length)
-        responses = sample_responses(
-            self.policy, queries, query_mask, sampling, self.stop_token_ids, self.tokenizer.pad_token_id,
-            synced_gpus=self.parameters_are_sharded(),
-        )
-        mask = response_mask(responses, self.stop_token_ids)
         query_responses = torch.cat([queries, responses], dim=1)
-        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-        out = self.policy(query_responses, attention_mask, context_length, sampling.temperature)
-        ref_logprobs = self.reference_logprobs(query_responses, attention_mask, context_length)
+        attention_mask = torch.cat([samples.query_mask, mask.long()], dim=1)
+        out = self.policy(query_responses, attention_mask, context_length, self.sampling.temperature)
+        values = out.values * mask if out.values is not None else None
+        ref_logprobs = self.reference_logprobs(query_responses, attention_mask, context_length) if self.uses_reference else None
 
         lengths = mask.sum(1).long()
-        completions = [
-            self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths.tolist())
-        ]
-        last_tokens = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-        has_stop = torch.isin(last_tokens, torch.as_tensor(self.stop_token_ids, dtype=last_tokens.dtype, device=last_tokens.device))
-        scores = self.score(batch["prompts"], completions, query_responses, attention_mask)
-        raw_scores = scores
-        if reward_cfg.missing_eos_penalty is not None:
-            scores = scores - reward_cfg.missing_eos_penalty * (~has_stop).float()
-        if reward_cfg.normalize == "running":
-            self.score_moments.update(self._gather(scores))
-            scores = self.score_moments.normalize(scores)
-        elif reward_cfg.normalize == "fixed":
-            scores = (scores - reward_cfg.shift) / reward_cfg.scale
-        if reward_cfg.clip is not None:
-            scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
-
-        rewards, kl = ppo_math.compute_rewards(
-            scores, out.logprobs, ref_logprobs, mask, self.kl_controller.value, ppo_cfg.kl_estimator
-        )
-        if ppo_cfg.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
-        advantages, returns = ppo_math.compute_gae(rewards, out.values * mask, mask, ppo_cfg.gamma, ppo_cfg.lam)
-        if ppo_cfg.whiten_advantages:
-            advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
+        has_stop = self._ends_with_stop(responses, lengths)
+        scores = self.shape_scores(raw_scores, has_stop, lengths)
+        kl = (ppo_math.kl_penalty(out.logprobs, ref_logprobs, ppo_cfg.kl_estimator) * mask
+              if ref_logprobs is not None else torch.zeros_like(mask))
+        advantages, returns, rewards = self.estimate_advantages(scores, kl, values, mask)
+        loss_mask = mask * has_stop.unsqueeze(1).to(mask.dtype) if self.reward_config.mask_truncated else None
 
         sequence_kl = kl.sum(1).mean()
         non_score_reward = (-self.kl_controller.value * kl).sum(1).mean()
@@ -454,12 +374,165 @@ class PPOModule(L.LightningModule):
             "val/num_eos_tokens": has_stop.float().sum(),
             "val/response_length": lengths.float().mean(),
             # diversity of the completions: distinct token bigrams among all (a collapsed policy goes to ~0)
-            "val/distinct_2": distinct_n([r[:n] for r, n in zip(responses.tolist(), lengths.tolist())]),
+            "val/distinct_2": ppo_math.distinct_n([r[:n] for r, n in zip(responses.tolist(), lengths.tolist())]),
+            **{f"reward/{name}": value.mean() for name, value in each_reward.items() if len(each_reward) > 1},
+            **dynamic_stats,
         }
         return Rollout(
-            query_responses, attention_mask, context_length, mask, out.logprobs, out.values * mask, advantages,
-            returns, stats, list(batch["prompts"]), completions, scores, kl, rewards,
+            query_responses, attention_mask, context_length, mask, out.logprobs, values, advantages, returns,
+            stats, samples.prompts, samples.completions, scores, kl, rewards, ref_logprobs, loss_mask,
         )
+
+    def sample(self, batch: dict[str, Any], sampling: Optional[SamplingConfig] = None) -> Samples:
+        """``num_generations`` responses to each prompt of ``batch`` (consecutive rows form a group)."""
+        sampling = sampling or self.sampling
+        groups = sampling.num_generations
+        queries, query_mask = batch["input_ids"], batch["attention_mask"]
+        if groups > 1:
+            queries, query_mask = queries.repeat_interleave(groups, 0), query_mask.repeat_interleave(groups, 0)
+        self._check_sequence_length(queries.shape[1])
+        responses = sample_responses(
+            self.policy, queries, query_mask, sampling, self.stop_token_ids, self.tokenizer.pad_token_id,
+            synced_gpus=self.parameters_are_sharded(),
+        )
+        mask = response_mask(responses, self.stop_token_ids)
+        lengths = mask.sum(1).long().tolist()
+        completions = [self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths)]
+        repeat = lambda values: [v for v in values for _ in range(groups)]  # noqa: E731
+        columns = {k: repeat(v) for k, v in (batch.get("columns") or {}).items()}
+        return Samples(queries, query_mask, responses, mask, repeat(batch["prompts"]), completions, columns)
+
+    def score(self, samples: Samples) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total score of each response, and each reward source's own scores."""
+        query_responses = torch.cat([samples.queries, samples.responses], dim=1)
+        attention_mask = torch.cat([samples.query_mask, samples.mask.long()], dim=1)
+        total, each = self.rewards(samples.prompts, samples.completions, samples.columns, query_responses,
+                                   attention_mask)
+        return total.to(self.device), {k: v.to(self.device) for k, v in each.items()}
+
+    def shape_scores(self, scores: Tensor, has_stop: Tensor, lengths: Tensor) -> Tensor:
+        """Penalties (missing stop token, overlong), then normalization and clipping of the scores."""
+        cfg = self.reward_config
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
+        if cfg.overlong_penalty is not None:
+            scores = scores + ppo_math.overlong_penalty(
+                lengths, self.sampling.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+            ).to(scores.dtype)
+        if cfg.normalize == "running":
+            self.score_moments.update(self._gather(scores))
+            scores = self.score_moments.normalize(scores)
+        elif cfg.normalize == "fixed":
+            scores = (scores - cfg.shift) / cfg.scale
+        if cfg.clip is not None:
+            scores = scores.clamp(-cfg.clip, cfg.clip)
+        return scores
+
+    def estimate_advantages(
+        self, scores: Tensor, kl: Tensor, values: Optional[Tensor], mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Advantages, returns and per-token rewards ``[batch, len]`` of the configured estimator.
+
+        ``gae``: GAE over the KL-penalized token rewards with the critic's values. ``grpo``/``rloo``: the
+        group baseline of each response's KL-penalized score, on every token. ``reinforce_pp`` (and
+        ``_baseline``, group mean subtracted from the scores first): discounted returns of the KL-penalized
+        token rewards, whitened over the batch (all ranks).
+        """
+        hp, groups = self.ppo_config, self.sampling.num_generations
+        coef = self.kl_controller.value
+        estimator = hp.advantage_estimator
+        if estimator == "reinforce_pp_baseline":
+            scores = ppo_math.group_baseline(scores, groups)
+        rewards = -coef * kl
+        rewards[torch.arange(scores.shape[0], device=scores.device), ppo_math.last_valid_index(mask)] += scores
+        if estimator == "gae":
+            if hp.whiten_rewards:
+                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
+            advantages, returns = ppo_math.compute_gae(rewards, values, mask, hp.gamma, hp.lam)
+            if hp.whiten_advantages:
+                advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
+            return advantages, returns, rewards
+        if estimator in ("grpo", "rloo"):
+            penalized = scores - coef * kl.sum(1)
+            if estimator == "rloo":
+                per_response = ppo_math.rloo_advantages(penalized, groups)
+            elif hp.scale_rewards == "batch":  # the std of every rank's scores, so ranks scale alike
+                centered = ppo_math.grpo_advantages(penalized, groups, "none")
+                std = ppo_math.masked_var(penalized, torch.ones_like(penalized), all_reduce=self._all_reduce_sum).sqrt()
+                per_response = centered / (std + 1e-6)
+            else:
+                per_response = ppo_math.grpo_advantages(penalized, groups, hp.scale_rewards)
+            advantages = ppo_math.sequence_to_tokens(per_response, mask)
+            return advantages, advantages, rewards
+        if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+            returns = ppo_math.discounted_returns(rewards, mask, hp.gamma)
+            return ppo_math.masked_whiten(returns, mask, all_reduce=self._all_reduce_sum), returns, rewards
+        raise ConfigError(f"ppo.advantage_estimator={estimator!r}: use gae, grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+
+    def _dynamic_sampling(
+        self, samples: Samples, scores: Tensor, each: dict[str, Tensor]
+    ) -> tuple[Samples, Tensor, dict[str, Tensor], dict[str, float]]:
+        """DAPO's dynamic sampling: replace groups whose scores are all equal (zero advantage: no signal)
+        with groups of new prompts, up to ``dynamic_sampling_max_retries`` rounds; fill what is still
+        missing with dropped groups, so the batch keeps its size."""
+        groups = self.sampling.num_generations
+        wanted = len(samples) // groups
+        kept, dropped, kept_scores, dropped_scores = [], [], [], []
+        first_dropped, retries = 0, 0
+        part, part_scores, part_each = samples, scores, each
+        while True:
+            informative = ppo_math._groups(part_scores, groups).std(1) > 0 if groups > 1 else torch.ones(len(part), dtype=torch.bool)
+            for group, useful in enumerate(informative.tolist()):
+                rows = list(range(group * groups, (group + 1) * groups))
+                target, target_scores = (kept, kept_scores) if useful else (dropped, dropped_scores)
+                target.append(part.select(rows))
+                target_scores.append((part_scores[rows], {k: v[rows] for k, v in part_each.items()}))
+            if retries == 0:
+                first_dropped = len(dropped)
+            if len(kept) >= wanted or retries >= self.ppo_config.dynamic_sampling_max_retries:
+                break
+            retries += 1
+            part = self.sample(self._replacement_prompts(wanted - len(kept), retries))
+            part_scores, part_each = self.score(part)
+        chosen = (kept + dropped)[:wanted]
+        chosen_scores = (kept_scores + dropped_scores)[:wanted]
+        merged = Samples.concat(chosen, self.tokenizer.pad_token_id)
+        total = torch.cat([s for s, _ in chosen_scores])
+        merged_each = {k: torch.cat([e[k] for _, e in chosen_scores]) for k in each}
+        stats = {
+            "dynamic_sampling/dropped_groups": float(first_dropped),
+            "dynamic_sampling/retries": float(retries),
+            "dynamic_sampling/filled_with_dropped": float(max(wanted - len(kept), 0)),
+        }
+        return merged, total, merged_each, stats
+
+    def _replacement_prompts(self, count: int, retry: int) -> dict[str, Any]:
+        """``count`` prompts for dynamic sampling, drawn from the data by a generator seeded with the
+        iteration and the retry (so a resumed run draws the same ones)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "random_batch"):
+            raise ConfigError("ppo.dynamic_sampling needs lit-rlhf's PromptDataModule (data:) to draw new prompts")
+        seed = (self.iteration * 1_000 + retry) * max(self.trainer.world_size, 1) + self.trainer.global_rank
+        batch = datamodule.random_batch(count, seed)
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _ends_with_stop(self, responses: Tensor, lengths: Tensor) -> Tensor:
+        """Whether each response ended with a stop token (not cut at ``max_new_tokens``)."""
+        if not self.stop_token_ids:
+            return torch.zeros(responses.shape[0], dtype=torch.bool, device=responses.device)
+        last_tokens = responses.gather(1, (lengths.clamp(min=1) - 1).unsqueeze(1)).squeeze(1)
+        stops = torch.as_tensor(self.stop_token_ids, dtype=last_tokens.dtype, device=last_tokens.device)
+        return torch.isin(last_tokens, stops) & (lengths > 0)
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantages need a value function (``gae``)."""
+        return self.ppo_config.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference is computed at all: not with ``kl_coef: 0`` and no ``kl_in_loss``."""
+        return self.ppo_config.kl_coef != 0 or self.ppo_config.kl_in_loss
 
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
         """Log-probs of the responses under the reference: the separate model, or the adapter-free policy."""
@@ -468,23 +541,26 @@ class PPOModule(L.LightningModule):
             return response_forward(self.reference, input_ids, attention_mask, context_length, temperature).logprobs
         return self.policy.reference_logprobs(input_ids, attention_mask, context_length, temperature)
 
-    def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """One finite score per completion, from the reward model or the reward function."""
-        if self.reward_model is not None:
-            scores = self.reward_model(prompts, completions, input_ids, attention_mask)
-            source = f"reward.model_name_or_path={self.reward_config.model_name_or_path!r}"
-        else:
-            raw = self.reward_function(prompts, completions)
-            source = f"reward.function={self.reward_config.function!r}"
-            try:
-                scores = torch.as_tensor(raw, dtype=torch.float32).flatten()
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise ConfigError(f"{source} must return a list of numbers, one per completion; got {_describe(raw)}") from err
-            if scores.numel() != len(completions):
-                raise ConfigError(f"{source} returned {scores.numel()} scores for {len(completions)} completions")
-        if not torch.isfinite(scores).all():
-            raise ConfigError(f"{source} returned non-finite scores (NaN or inf): {scores.tolist()}")
-        return scores.to(self.device, torch.float32)
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Evaluation on held-out prompts (``data.val_path``): completions as ``model.evaluation`` says,
+        scored by the run's rewards, logged under ``eval/`` (TRL's ``val/`` names mean training statistics)."""
+        cfg = self.evaluation
+        k = cfg.num_samples
+        sampling = replace(self.sampling, temperature=cfg.temperature, num_generations=k,
+                           max_new_tokens=cfg.max_new_tokens or self.sampling.max_new_tokens)
+        samples = self.sample(batch, sampling)
+        scores, each = self.score(samples)
+        passed = (scores >= cfg.pass_threshold).float().view(-1, k)
+        metrics = {
+            "eval/score": scores.mean(),
+            "eval/response_length": samples.mask.sum(1).float().mean(),
+            "eval/pass@1": passed.mean(),
+            **({f"eval/pass@{k}": passed.max(1).values.mean()} if k > 1 else {}),
+            **{f"eval/reward/{name}": value.mean() for name, value in each.items() if len(each) > 1},
+        }
+        for name, value in metrics.items():
+            self.log(name, value, batch_size=passed.shape[0], sync_dist=True, prog_bar=name == "eval/score")
 
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
         """``ppo_epochs`` passes of shuffled minibatches over the rollout, one optimizer step each."""
@@ -494,7 +570,7 @@ class PPOModule(L.LightningModule):
         # (configure_model set its probabilities to 0)
         self.policy.train()
         batch_size = rollout.mask.shape[0]
-        minibatch_size, micro_size = self._minibatch_sizes(batch_size)
+        minibatch_size, micro_size = self._minibatch_sizes(batch_size // self.sampling.num_generations)
         history: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(hp.ppo_epochs):
             epoch_approx_kl = []
@@ -527,36 +603,48 @@ class PPOModule(L.LightningModule):
         return {name: torch.stack(values).mean() for name, values in history.items()}
 
     def ppo_loss(self, rollout: Rollout, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + ``vf_coef`` * clipped value loss (- entropy bonus) on rows ``index``."""
+        """Clipped policy loss (+ ``vf_coef`` x clipped value loss with a critic, + ``kl_loss_coef`` x k3 KL
+        with ``kl_in_loss``, - entropy bonus) on rows ``index``."""
         hp = self.ppo_config
         input_ids, attention_mask, context_length = trim_padding(
             rollout.query_responses[index], rollout.attention_mask[index], rollout.context_length
         )
         response_len = input_ids.shape[1] - context_length
         mask = rollout.mask[index, :response_len]
+        loss_mask = rollout.loss_mask[index, :response_len] if rollout.loss_mask is not None else mask
         out = self.policy(
             input_ids, attention_mask, context_length, self.sampling.temperature, with_entropy=True,
             entropy_grad=hp.ent_coef != 0,  # otherwise only a statistic: no graph, no backward through it
         )
+        mode, max_new_tokens = hp.loss_aggregation, self.sampling.max_new_tokens
         pg_loss, pg_stats = ppo_math.policy_loss(
-            out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len], mask,
-            hp.clip_range,
-        )
-        vf_loss, vf_stats = ppo_math.value_loss(
-            out.values, rollout.values[index, :response_len], rollout.returns[index, :response_len], mask,
-            hp.clip_range_value,
+            out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len],
+            loss_mask, hp.clip_range, hp.clip_range_high, hp.importance_sampling_level == "sequence", mode,
+            max_new_tokens,
         )
         entropy = ppo_math.masked_mean(out.entropy, mask)
-        loss = pg_loss + hp.vf_coef * vf_loss - hp.ent_coef * entropy
+        loss = pg_loss
+        if hp.ent_coef:
+            loss = loss - hp.ent_coef * ppo_math.aggregate(out.entropy, loss_mask, mode, max_new_tokens)
         stats = {
             "policy/approxkl_avg": pg_stats["approx_kl"],
             "policy/clipfrac_avg": pg_stats["clipfrac"],
             "loss/policy_avg": pg_loss.detach(),
-            "loss/value_avg": vf_loss.detach(),
-            "val/clipfrac_avg": vf_stats["clipfrac"],
             "policy/entropy_avg": entropy.detach(),
             "val/ratio": pg_stats["ratio"],
         }
+        if rollout.values is not None:
+            vf_loss, vf_stats = ppo_math.value_loss(
+                out.values, rollout.values[index, :response_len], rollout.returns[index, :response_len], loss_mask,
+                hp.clip_range_value,
+            )
+            loss = loss + hp.vf_coef * vf_loss
+            stats |= {"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]}
+        if hp.kl_in_loss:
+            kl = ppo_math.kl_penalty(out.logprobs, rollout.ref_logprobs[index, :response_len], "k3")
+            kl_loss = ppo_math.aggregate(kl, loss_mask, mode, max_new_tokens)
+            loss = loss + hp.kl_loss_coef * kl_loss
+            stats["loss/kl_avg"] = kl_loss.detach()
         return loss, stats
 
     def _update_is_finite(self, losses: Tensor) -> bool:
@@ -594,14 +682,17 @@ class PPOModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Checks, logging, state
     def _minibatch_sizes(self, batch_size: int) -> tuple[int, int]:
-        hp = self.ppo_config
+        """Minibatch and micro-batch sizes for ``data.batch_size`` prompts (x ``num_generations`` responses)."""
+        hp, groups = self.ppo_config, self.sampling.num_generations
         per_step = hp.num_minibatches * hp.gradient_accumulation_steps
-        if batch_size % per_step:
+        rows = batch_size * groups
+        if rows % per_step:
+            times = f" x generation.num_generations={groups} = {rows} responses" if groups > 1 else ""
             raise ConfigError(
-                f"data.batch_size={batch_size} is not divisible by ppo.num_minibatches={hp.num_minibatches} x "
-                f"ppo.gradient_accumulation_steps={hp.gradient_accumulation_steps}: choose values that divide it"
+                f"data.batch_size={batch_size}{times} is not divisible by ppo.num_minibatches={hp.num_minibatches} "
+                f"x ppo.gradient_accumulation_steps={hp.gradient_accumulation_steps}: choose values that divide it"
             )
-        minibatch_size = batch_size // hp.num_minibatches
+        minibatch_size = rows // hp.num_minibatches
         return minibatch_size, minibatch_size // hp.gradient_accumulation_steps
 
     def _check_sequence_length(self, context_length: int) -> None:
@@ -699,7 +790,7 @@ class PPOModule(L.LightningModule):
             "python": random.getstate(),
         }
         if "loops" in checkpoint and self._trainer is not None:
-            _resume_cut_epoch_mid_epoch(checkpoint["loops"], self.trainer.num_training_batches)
+            resume_cut_epoch_mid_epoch(checkpoint["loops"], self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_matches_recipe(checkpoint)
@@ -721,29 +812,18 @@ class PPOModule(L.LightningModule):
     def _check_checkpoint_matches_recipe(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of another recipe (models, LoRA, data); warn about changed
         hyper-parameters (which a user may change on purpose when resuming)."""
-        saved_model = checkpoint.get("hyper_parameters") or {}
-        changes: dict[str, list[str]] = {"refuse": [], "warn": []}
-        for section, value in self.hparams.items():
-            if section in saved_model and _plain(saved_model[section]) != _plain(value):
-                kind = "refuse" if section in ("policy", "reward", "reference") else "warn"
-                changes[kind] += _differences(f"model.{section}", _plain(saved_model[section]), _plain(value))
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
-        if datamodule is not None and saved_data:
-            for field in _DATA_FIELDS_THAT_MUST_MATCH:
-                before, now = saved_data.get(field), datamodule.hparams.get(field)
-                if field == "path" and before and now:
-                    before, now = os.path.abspath(before), os.path.abspath(now)
-                if before != now:
-                    changes["refuse"].append(f"data.{field}: {before!r} -> {now!r}")
-        if changes["refuse"]:
+        refuse, warn = recipe_changes(
+            checkpoint.get("hyper_parameters") or {}, dict(self.hparams),
+            checkpoint.get("datamodule_hyper_parameters") or {}, dict(datamodule.hparams) if datamodule else {},
+        )
+        if refuse:
             raise ConfigError(
-                "The checkpoint (--ckpt_path) was written by a run of another recipe: "
-                f"{'; '.join(changes['refuse'])}. Resume with the recipe that wrote it, or start a new run without "
-                "--ckpt_path"
+                f"The checkpoint (--ckpt_path) was written by a run of another recipe: {'; '.join(refuse)}. Resume "
+                "with the recipe that wrote it, or start a new run without --ckpt_path"
             )
-        if changes["warn"]:
-            warnings.warn(f"Resuming with changed settings: {'; '.join(changes['warn'])}", UserWarning, stacklevel=2)
+        if warn:
+            warnings.warn(f"Resuming with changed settings: {'; '.join(warn)}", UserWarning, stacklevel=2)
 
     def _check_checkpoint_holds_trained_weights(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that lacks some of this run's trained weights (or has others): loading it
@@ -773,6 +853,17 @@ class PPOModule(L.LightningModule):
             self.tokenizer.save_pretrained(directory)
 
 
+class _ModelReward:
+    """A reward model as a reward source of :class:`~lit_rlhf.rewards.RewardSet`."""
+
+    def __init__(self, model: SequenceClassifierReward) -> None:
+        self.model = model
+
+    def __call__(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor,
+                 **_: Any) -> Tensor:
+        return self.model(prompts, completions, input_ids, attention_mask)
+
+
 @contextmanager
 def _fsdp_gradient_sync_off(module: Any) -> Iterator[None]:
     module.set_requires_gradient_sync(False)
@@ -780,63 +871,6 @@ def _fsdp_gradient_sync_off(module: Any) -> Iterator[None]:
         yield
     finally:
         module.set_requires_gradient_sync(True)
-
-
-def _resume_cut_epoch_mid_epoch(loops: dict[str, Any], batches_per_epoch: float) -> None:
-    """Make a checkpoint written at the end of an epoch cut short (``trainer.max_steps``) resume mid-epoch.
-
-    Lightning ends the epoch loop when ``max_steps`` is reached and calls the epoch-end hooks, where
-    ``ModelCheckpoint`` saves with the epoch counted as processed. Resumed, Lightning would then start the
-    next epoch and the rest of the cut one would never run. Counting the epoch as not yet processed makes
-    Lightning resume inside it, where the data module continues from the next unused prompt.
-    """
-    fit_loop = loops.get("fit_loop", {})
-    epoch, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
-    if not epoch or not batches:
-        return
-    inside_epoch_end = epoch["current"]["processed"] == epoch["current"]["completed"] + 1
-    cut_short = not batches["is_last_batch"] and batches["current"]["completed"] < batches_per_epoch
-    if inside_epoch_end and cut_short:
-        for progress in (epoch["total"], epoch["current"]):
-            progress["processed"] -= 1
-
-
-# What decides which prompts a resumed run sees next and how they are encoded.
-_DATA_FIELDS_THAT_MUST_MATCH = (
-    "path", "prompt_field", "split", "batch_size", "max_prompt_length", "truncate_prompts", "apply_chat_template",
-    "shuffle", "seed",
-)
-
-
-def _differences(prefix: str, before: Any, now: Any) -> list[str]:
-    """``field: old -> new`` for every leaf that differs between two (nested) dicts."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [line for key in sorted(set(before) | set(now))
-                for line in _differences(f"{prefix}.{key}", before.get(key), now.get(key))]
-    return [] if before == now else [f"{prefix}: {before!r} -> {now!r}"]
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tuples turned into lists (recursively), for YAML that ``yaml.safe_load`` reads."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _describe(value: Any) -> str:
-    """A short description of what a reward function returned, e.g. ``list of str ('good', ...)``."""
-    if isinstance(value, (list, tuple)):
-        kinds = sorted({type(v).__name__ for v in value})
-        return f"{type(value).__name__} of {' and '.join(kinds) or 'nothing'} ({', '.join(map(repr, value[:3]))}{', ...' if len(value) > 3 else ''})"
-    return f"{type(value).__name__} {value!r}"[:200]
-
-
-def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
-    """Share of distinct n-grams among all n-grams of ``sequences`` (1: all different; near 0: collapse)."""
-    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:

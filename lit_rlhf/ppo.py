@@ -126,23 +126,126 @@ def compute_gae(
     return advantages, returns
 
 
-def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped importance-ratio surrogate loss (to minimize), token-level mean over the mask.
+# ---------------------------------------------------------------------------------------------------
+# Critic-free advantages. A rollout holds ``num_generations`` responses per prompt, consecutive rows:
+# group g is rows ``g * G ... g * G + G - 1``. ``scores`` are ``[batch]`` sequence rewards.
 
-    ``stats`` holds ``clipfrac`` (share of tokens where clipping binds), ``approx_kl``
-    (``0.5 * E[(log r)^2]``) and ``ratio`` (mean importance ratio).
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+RewardScaling = Literal["group", "batch", "none"]
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    if group_size < 1 or scores.numel() % group_size:
+        raise ConfigError(f"{scores.numel()} responses do not split into groups of num_generations={group_size}")
+    return scores.view(-1, group_size)
+
+
+def grpo_advantages(scores: Tensor, group_size: int, scale: RewardScaling = "group", eps: float = 1e-6) -> Tensor:
+    """GRPO: each score minus its group's mean, divided by the group's std (``group``), the batch's std
+    (``batch``) or nothing (``none``, Dr.GRPO). Returns ``[batch]``; a group of one gets 0."""
+    groups = _groups(scores, group_size)
+    centered = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        std = groups.std(1, keepdim=True) if group_size > 1 else torch.ones_like(groups[:, :1])
+        centered = centered / (std + eps)
+    elif scale == "batch":
+        centered = centered / (scores.std() + eps if scores.numel() > 1 else 1.0)
+    elif scale != "none":
+        raise ConfigError(f"ppo.scale_rewards={scale!r}: use group, batch or none")
+    return centered.flatten()
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO: each score minus the mean of the other scores of its group (needs groups of 2 or more)."""
+    if group_size < 2:
+        raise ConfigError("ppo.advantage_estimator=rloo needs generation.num_generations >= 2 (leave-one-out)")
+    groups = _groups(scores, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}`` within each response (0 where ``mask`` is 0)."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running
+    return returns * mask
+
+
+def group_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """Each score minus its group's mean (REINFORCE++ with baseline)."""
+    groups = _groups(scores, group_size)
+    return (groups - groups.mean(1, keepdim=True)).flatten()
+
+
+def sequence_to_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """A per-response value ``[batch]`` on every response token ``[batch, len]`` (0 after the response)."""
+    return values.unsqueeze(1).to(mask.dtype) * mask
+
+
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer`` tokens, then falling linearly to
+    ``-penalty`` at ``max_new_tokens``."""
+    if buffer <= 0:
+        raise ConfigError("reward.overlong_buffer must be a positive number of tokens")
+    start = max_new_tokens - buffer
+    return -penalty * ((lengths.float() - start) / buffer).clamp(0.0, 1.0)
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token_mean", max_new_tokens: int = 0) -> Tensor:
+    """Reduce per-token losses ``[batch, len]`` to a scalar.
+
+    ``token_mean``: over all tokens of the batch (long responses weigh more); ``seq_mean_token_mean``: per
+    response, then over responses; ``seq_mean_token_sum``: summed per response, mean over responses;
+    ``seq_mean_token_sum_norm``: summed over the batch, divided by responses x ``max_new_tokens`` (Dr.GRPO's
+    constant normalizer: no length bias). Fully masked rows (and batches) contribute 0, not NaN.
     """
-    log_ratio = logprobs - old_logprobs
+    if mode == "token_mean":  # a micro-batch whose tokens are all masked (e.g. all truncated) contributes 0
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    sums = (values * mask).sum(1)
+    if mode == "seq_mean_token_mean":
+        return (sums / mask.sum(1).clamp(min=1)).mean()
+    if mode == "seq_mean_token_sum":
+        return sums.mean()
+    if mode == "seq_mean_token_sum_norm":
+        if max_new_tokens <= 0:
+            raise ConfigError("loss_aggregation=seq_mean_token_sum_norm needs generation.max_new_tokens > 0")
+        return sums.sum() / (values.shape[0] * max_new_tokens)
+    raise ConfigError(f"ppo.loss_aggregation={mode!r}: use token_mean, seq_mean_token_mean, seq_mean_token_sum "
+                      "or seq_mean_token_sum_norm")
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+    clip_range_high: Optional[float] = None, sequence_level: bool = False,
+    aggregation: LossAggregation = "token_mean", max_new_tokens: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped importance-ratio surrogate loss (to minimize), aggregated over the mask.
+
+    The ratio is clipped to ``[1 - clip_range, 1 + clip_range_high]`` (DAPO's clip-higher when
+    ``clip_range_high > clip_range``). With ``sequence_level`` (GSPO) every token of a response uses the
+    response's ratio, the geometric mean of its token ratios, while each token keeps its own gradient path.
+    ``stats`` holds ``clipfrac`` (share of tokens where clipping binds), ``approx_kl``
+    (``0.5 * E[(log r)^2]``, token level) and ``ratio`` (mean importance ratio).
+    """
+    high = clip_range if clip_range_high is None else clip_range_high
+    token_log_ratio = logprobs - old_logprobs
+    log_ratio = token_log_ratio
+    if sequence_level:
+        sequence = masked_mean(token_log_ratio, mask, dim=1).unsqueeze(1)
+        log_ratio = sequence.detach() + logprobs - logprobs.detach()  # value: the sequence's; gradient: per token
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = aggregate(torch.max(unclipped, clipped), mask, aggregation, max_new_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "approx_kl": 0.5 * masked_mean(token_log_ratio**2, mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
@@ -229,3 +332,9 @@ class AdaptiveKLController(FixedKLController):
         """Move the coefficient by ``clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
+    """Share of distinct n-grams among all n-grams of ``sequences`` (1: all different; near 0: collapse)."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -1,8 +1,29 @@
-"""Built-in Python reward functions: ``(prompts, completions) -> scores``, one float per completion."""
+"""Rewards: built-in reward functions, and the set of weighted reward sources a run scores with.
+
+A reward source is a Python function ``(prompts, completions, **columns) -> list[float]``, a
+sequence-classification model, or an HTTP scorer. ``RewardSet`` scores a rollout with each of them and
+returns the weighted sum plus each source's own scores (logged as ``reward/<name>``).
+
+A function receives, besides the prompts and completions, the data set's other columns it asks for by name
+(e.g. ``answer``), one value per completion, and the ``kwargs`` its recipe entry gives.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.errors import ConfigError, TrainingError
 
 POSITIVE_WORDS = (
     "good great excellent wonderful amazing lovely happy delightful brilliant superb fantastic "
@@ -18,6 +39,8 @@ NEGATIVE_WORDS = (
 _POSITIVE, _NEGATIVE = frozenset(POSITIVE_WORDS), frozenset(NEGATIVE_WORDS)
 
 
+# ------------------------------------------------------------------------------------------------
+# Built-in reward functions
 def sentiment_lexicon(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """Share of positive minus share of negative words in each completion, in [-1, 1].
 
@@ -31,3 +54,212 @@ def sentiment_lexicon(prompts: Sequence[str], completions: Sequence[str]) -> lis
         negative = sum(word in _NEGATIVE for word in words)
         scores.append((positive - negative) / max(len(words), 1))
     return scores
+
+
+def _answers(answer: Any) -> list[str]:
+    """The accepted answers of a data row: a list, or a string with ``|`` between alternatives."""
+    if isinstance(answer, (list, tuple)):
+        return [str(a).strip().lower() for a in answer]
+    return [a.strip().lower() for a in str(answer).split("|")]
+
+
+def first_word_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any]) -> list[float]:
+    """1.0 when a completion's first word is one of its row's ``answer`` (a list, or ``a|b|c``), else 0.0.
+
+    A verifiable reward for short-answer tasks (the GRPO quickstart's word categories).
+    """
+    scores = []
+    for completion, accepted in zip(completions, answer):
+        words = completion.lower().split()
+        scores.append(float(bool(words) and words[0] in _answers(accepted)))
+    return scores
+
+
+def math_answer(
+    prompts: Sequence[str], completions: Sequence[str], answer: Optional[Sequence[Any]] = None,
+    solution: Optional[Sequence[Any]] = None,
+) -> list[float]:
+    """1.0 when a completion's final answer equals its row's ``answer`` (or the answer of its ``solution``,
+    e.g. MATH's ``\\boxed{..}``) mathematically, else 0.0.
+
+    Uses ``math-verify`` (``pip install "lit-rlhf[math]"``): it extracts the answer (``\\boxed{..}``,
+    LaTeX or plain numbers) and compares values, so ``0.5``, ``1/2`` and ``\\frac{1}{2}`` all match.
+    """
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ConfigError("lit_rlhf.rewards:math_answer needs math-verify: pip install 'lit-rlhf[math]'") from err
+    references = answer if answer is not None else solution
+    if references is None:
+        raise ConfigError("lit_rlhf.rewards:math_answer needs an 'answer' or 'solution' column in the data")
+    scores = []
+    for completion, gold in zip(completions, references):
+        expected = parse(str(gold))
+        scores.append(float(bool(expected) and verify(expected, parse(completion))))
+    return scores
+
+
+def format_match(prompts: Sequence[str], completions: Sequence[str], pattern: str = r"\S") -> list[float]:
+    """1.0 when a completion matches the regular expression ``pattern`` in full, else 0.0 (a format reward,
+    e.g. ``pattern: "<think>.*</think>.*"``; give it with the entry's ``kwargs``)."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return [float(compiled.fullmatch(completion.strip()) is not None) for completion in completions]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reward sources
+@dataclass
+class RewardTerm:
+    """One weighted reward source of ``model.reward.functions``: exactly one of ``function``,
+    ``model_name_or_path`` and ``url``."""
+
+    function: Optional[str] = None
+    """``package.module:function`` taking ``(prompts, completions, **columns)``, returning one score each."""
+    model_name_or_path: Optional[str] = None
+    """A sequence-classification reward model (options under ``model.reward``: dtype, quantization, ...)."""
+    url: Optional[str] = None
+    """An HTTP scorer: POST ``{"prompts": [...], "completions": [...], <columns>}``, answers ``{"scores": [...]}``."""
+    weight: float = 1.0
+    """Weight of this source in the total score."""
+    name: Optional[str] = None
+    """Logged as ``reward/<name>``; by default the function's or model's name."""
+    kwargs: Optional[dict[str, Any]] = None
+    """Extra keyword arguments of a function (e.g. ``pattern`` of ``lit_rlhf.rewards:format_match``)."""
+
+    def source(self) -> str:
+        given = [value for value in (self.function, self.model_name_or_path, self.url) if value]
+        if len(given) != 1:
+            raise ConfigError(
+                f"reward term {self}: set exactly one of function, model_name_or_path and url"
+            )
+        return given[0]
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        source = self.source()
+        return source.rsplit(":", 1)[-1] if self.function else source.rstrip("/").rsplit("/", 1)[-1]
+
+
+def import_reward_function(spec: str) -> Callable[..., Sequence[float]]:
+    """Import ``package.module:function`` and check it is callable."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"reward.function={spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"reward.function={spec!r}: cannot import module {module_name!r} ({err}). Make sure it is "
+            "installed or on PYTHONPATH."
+        ) from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"reward.function={spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+class FunctionReward:
+    """A Python reward function, given the data columns it names among its parameters."""
+
+    def __init__(self, spec: str, kwargs: Optional[dict[str, Any]] = None) -> None:
+        self.spec, self.fn, self.kwargs = spec, import_reward_function(spec), dict(kwargs or {})
+        parameters = inspect.signature(self.fn).parameters.values()
+        self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        self.names = {p.name for p in parameters} - {"prompts", "completions"}
+
+    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list], **_: Any) -> Any:
+        given = {k: v for k, v in columns.items() if self.takes_all or k in self.names}
+        missing = {p for p in self.names if p not in given and p not in self.kwargs} - self._optional()
+        if missing:
+            raise ConfigError(
+                f"reward.function={self.spec!r} needs the data columns {sorted(missing)}; the data has "
+                f"{sorted(columns)}"
+            )
+        return self.fn(prompts, completions, **given, **self.kwargs)
+
+    def _optional(self) -> set[str]:
+        return {name for name, p in inspect.signature(self.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty or p.kind is inspect.Parameter.VAR_KEYWORD}
+
+
+class HTTPReward:
+    """Scores from an HTTP server: POST JSON ``{"prompts", "completions", <columns>}``, JSON scores back
+    (a list, or ``{"scores": [...]}``), with a timeout and retries."""
+
+    def __init__(self, url: str, timeout: float = 30.0, retries: int = 2) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"reward.url={url!r} must start with http:// or https://")
+        self.url, self.timeout, self.retries = url, timeout, retries
+
+    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list], **_: Any) -> Any:
+        body = json.dumps({"prompts": prompts, "completions": completions, **columns}).encode()
+        error: Exception = RuntimeError("no attempt")
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = json.loads(response.read())
+                return answer["scores"] if isinstance(answer, dict) else answer
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as err:
+                error = err
+                if attempt < self.retries:
+                    time.sleep(min(2.0**attempt, 10.0))
+        raise TrainingError(
+            f"reward.url={self.url!r}: no valid answer after {self.retries + 1} tries (timeout {self.timeout} s "
+            f"each): {error}. Check that the scorer runs and answers {{\"scores\": [...]}} to a POST of prompts "
+            "and completions"
+        )
+
+
+class RewardSet:
+    """The run's reward sources with their weights: one total score per completion, and each source's."""
+
+    def __init__(self, sources: list[tuple[str, float, Callable[..., Any]]]) -> None:
+        self.sources = sources
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.sources]
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list], input_ids: Tensor,
+        attention_mask: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        total = torch.zeros(len(completions), dtype=torch.float32, device=input_ids.device)
+        each: dict[str, Tensor] = {}
+        for name, weight, source in self.sources:
+            raw = source(prompts, completions, columns=columns, input_ids=input_ids, attention_mask=attention_mask)
+            scores = _as_scores(raw, len(completions), name).to(total.device)
+            each[name] = scores
+            total = total + weight * scores
+        return total, each
+
+
+def _as_scores(raw: Any, count: int, name: str) -> Tensor:
+    """``raw`` as a float tensor of ``count`` finite scores, or a clear error naming the source."""
+    if isinstance(raw, Tensor):
+        scores = raw.detach().float().flatten()
+    else:
+        try:
+            scores = torch.as_tensor(raw, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(
+                f"reward {name!r} must return a list of numbers, one per completion; got {_describe(raw)}"
+            ) from err
+    if scores.numel() != count:
+        raise ConfigError(f"reward {name!r} returned {scores.numel()} scores for {count} completions")
+    if not torch.isfinite(scores).all():
+        raise ConfigError(f"reward {name!r} returned non-finite scores (NaN or inf): {scores.tolist()}")
+    return scores
+
+
+def _describe(value: Any) -> str:
+    """A short description of what a reward function returned, e.g. ``list of str ('good', ...)``."""
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value})
+        shown = ", ".join(map(repr, value[:3])) + (", ..." if len(value) > 3 else "")
+        return f"{type(value).__name__} of {' and '.join(kinds) or 'nothing'} ({shown})"
+    return f"{type(value).__name__} {value!r}"[:200]

@@ -20,8 +20,11 @@ class SamplingConfig:
 
     max_new_tokens: int = 32
     """Longest response, in tokens; generation stops earlier once every response hit the stop token."""
+    num_generations: int = 1
+    """Responses sampled per prompt (a group): the rollout holds ``data.batch_size x num_generations``."""
     temperature: float = 0.7
-    """Sampling temperature; log-probs are computed from ``logits / temperature`` as well."""
+    """Sampling temperature; log-probs are computed from ``logits / temperature`` as well (0: greedy, for
+    evaluation only)."""
     top_k: int = 0
     """Sample from the k most likely tokens only; 0 turns this off."""
     top_p: float = 1.0
@@ -111,6 +114,8 @@ class _SampleNextToken(LogitsProcessor):
         self.config = config
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.config.temperature == 0:  # greedy (evaluation only): generate takes the argmax
+            return scores
         probs = sampling_distribution(scores, self.config.temperature, self.config.top_k, self.config.top_p)
         chosen = torch.full_like(scores, float("-inf"))
         return chosen.scatter_(1, sample_categorical(probs), 0.0)
@@ -165,3 +170,52 @@ def trim_padding(input_ids: Tensor, attention_mask: Tensor, context_length: int)
     last = int(real_columns.nonzero().max()) + 1
     last = max(last, context_length + 1)  # keep at least one response column
     return input_ids[:, first:last], attention_mask[:, first:last], context_length - first
+
+
+@dataclass
+class Samples:
+    """Responses sampled for a batch of prompts, before any forward pass (rows: one response each).
+
+    ``queries`` are left-padded, ``responses`` padded after their first stop token; ``columns`` holds the
+    data set's other columns, one value per row, for the reward functions.
+    """
+
+    queries: Tensor
+    query_mask: Tensor
+    responses: Tensor
+    mask: Tensor
+    prompts: list[str]
+    completions: list[str]
+    columns: dict[str, list]
+
+    def __len__(self) -> int:
+        return self.responses.shape[0]
+
+    def select(self, rows: Sequence[int]) -> "Samples":
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.responses.device)
+        return Samples(
+            self.queries[index], self.query_mask[index], self.responses[index], self.mask[index],
+            [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
+            {k: [v[i] for i in rows] for k, v in self.columns.items()},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Samples"], pad_token_id: int) -> "Samples":
+        """One batch of several, queries re-padded on the left and responses on the right to common widths."""
+        if len(parts) == 1:
+            return parts[0]
+        context = max(p.queries.shape[1] for p in parts)
+        length = max(p.responses.shape[1] for p in parts)
+
+        def pad(t: Tensor, width: int, value: float, left: bool) -> Tensor:
+            extra = width - t.shape[1]
+            return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+        return Samples(
+            torch.cat([pad(p.queries, context, pad_token_id, True) for p in parts]),
+            torch.cat([pad(p.query_mask, context, 0, True) for p in parts]),
+            torch.cat([pad(p.responses, length, pad_token_id, False) for p in parts]),
+            torch.cat([pad(p.mask, length, 0.0, False) for p in parts]),
+            [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
+            {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns},
+        )

@@ -29,3 +29,11 @@ def fails_at_third_call(prompts, completions):
 
 def strings(prompts, completions):
     return ["good"] * len(completions)
+
+
+def food_prompts_only(prompts, completions, answer):
+    """A first-word match that only food prompts can win: all other groups score all zeros."""
+    from lit_rlhf.rewards import first_word_match
+
+    scores = first_word_match(prompts, completions, answer)
+    return [s if "bread" in a else 0.0 for s, a in zip(scores, answer)]

@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lit_rlhf.models import (
-    PolicyConfig, SequenceClassifierReward, import_reward_function, load_policy, load_tokenizer, position_ids_from,
+    PolicyConfig, SequenceClassifierReward, load_policy, load_tokenizer, position_ids_from,
 )
+from lit_rlhf.rewards import import_reward_function
 from lit_rlhf.rollout import response_mask, trim_padding
 from lit_rlhf.tiny import save_tiny_checkpoint
 

@@ -249,7 +249,7 @@ def test_prompt_plus_response_longer_than_context(tiny_llama, tmp_path):
 
 
 def test_config_errors_name_the_field(tiny_llama):
-    with pytest.raises(ValueError, match="exactly one of reward.model_name_or_path and reward.function"):
+    with pytest.raises(ValueError, match="exactly one of reward.model_name_or_path, reward.function, reward.url"):
         PPOModule(policy=PolicyConfig(tiny_llama), reward=RewardConfig())
     with pytest.raises(ValueError, match="generation.temperature"):
         make_module(tiny_llama).__class__(

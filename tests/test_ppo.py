@@ -152,3 +152,82 @@ def test_adaptive_kl_controller_update_clip_and_state():
     restored = ppo.AdaptiveKLController(0.5, target=6.0, horizon=1000)
     restored.load_state_dict(controller.state_dict())
     assert restored.value == pytest.approx(expected)
+
+
+# ---- critic-free estimators and loss options (hand-computed) --------------------------------------------
+SCORES = torch.tensor([1.0, 0.0, 0.0, 3.0, 3.0, 3.0])  # two groups of three
+
+
+def test_grpo_advantages_by_group_batch_or_unscaled():
+    # group 1: mean 1/3, std (unbiased) sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3); group 2: all equal
+    std = math.sqrt(1 / 3)
+    expected = [(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std, 0.0, 0.0, 0.0]
+    assert ppo.grpo_advantages(SCORES, 3).tolist() == pytest.approx(expected, rel=1e-5)
+    assert ppo.grpo_advantages(SCORES, 3, "none").tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
+    batch_std = SCORES.std().item()
+    assert ppo.grpo_advantages(SCORES, 3, "batch").tolist() == pytest.approx(
+        [v / batch_std for v in (2 / 3, -1 / 3, -1 / 3, 0, 0, 0)], rel=1e-5)
+    assert ppo.grpo_advantages(torch.tensor([5.0, 7.0]), 1).tolist() == [0.0, 0.0]  # a group of one
+    with pytest.raises(ValueError, match="do not split into groups of num_generations=4"):
+        ppo.grpo_advantages(SCORES, 4)
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    # 1 - (0+0)/2 = 1, 0 - (1+0)/2 = -0.5, ...; equal scores give 0
+    assert ppo.rloo_advantages(SCORES, 3).tolist() == pytest.approx([1.0, -0.5, -0.5, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="rloo needs generation.num_generations >= 2"):
+        ppo.rloo_advantages(SCORES, 1)
+
+
+def test_discounted_returns_and_group_baseline():
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [1.0, 3.0, 99.0]])
+    returns = ppo.discounted_returns(rewards, MASK, gamma=0.5)
+    # row 1: 4, 2 + 0.5*4 = 4, 1 + 0.5*4 = 3; row 2 stops after 2 tokens: 3, 1 + 1.5 = 2.5, (masked) 0
+    assert returns.tolist() == [[3.0, 4.0, 4.0], [2.5, 3.0, 0.0]]
+    assert ppo.group_baseline(SCORES, 3).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
+    assert ppo.sequence_to_tokens(torch.tensor([2.0, -1.0]), MASK).tolist() == [[2, 2, 2], [-1, -1, 0]]
+
+
+def test_overlong_penalty_is_zero_then_linear_to_the_limit():
+    lengths = torch.tensor([4, 6, 7, 8, 10])  # max 10 tokens, buffer 4: penalty starts after 6
+    assert ppo.overlong_penalty(lengths, 10, 4, 1.0).tolist() == pytest.approx([0, 0, -0.25, -0.5, -1.0])
+    assert ppo.overlong_penalty(lengths, 10, 4, 2.0)[-1].item() == -2.0
+
+
+def test_loss_aggregation_modes():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 6.0, 100.0]])
+    assert ppo.aggregate(values, MASK, "token_mean").item() == pytest.approx(16 / 5)
+    assert ppo.aggregate(values, MASK, "seq_mean_token_mean").item() == pytest.approx((2 + 5) / 2)
+    assert ppo.aggregate(values, MASK, "seq_mean_token_sum").item() == pytest.approx((6 + 10) / 2)
+    assert ppo.aggregate(values, MASK, "seq_mean_token_sum_norm", max_new_tokens=4).item() == pytest.approx(16 / 8)
+    with pytest.raises(ValueError, match="loss_aggregation='sum'"):
+        ppo.aggregate(values, MASK, "sum")
+
+
+def test_clip_higher_and_sequence_level_ratio():
+    old = torch.zeros(1, 2)
+    logprobs = torch.log(torch.tensor([[1.5, 1.5]]))  # ratio 1.5 on both tokens
+    advantages = torch.ones(1, 2)
+    mask = torch.ones(1, 2)
+    loss, stats = ppo.policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
+    loss, _ = ppo.policy_loss(logprobs, old, advantages, mask, clip_range=0.2, clip_range_high=0.28)
+    assert loss.item() == pytest.approx(-1.28)
+    # GSPO: token ratios 2 and 0.5 have the geometric mean 1: nothing is clipped, both tokens get ratio 1
+    logprobs = torch.log(torch.tensor([[2.0, 0.5]])).requires_grad_()
+    loss, stats = ppo.policy_loss(logprobs, old, advantages, mask, clip_range=0.2, sequence_level=True)
+    assert loss.item() == pytest.approx(-1.0) and stats["clipfrac"].item() == 0.0
+    loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-0.5, -0.5])  # d(-mean(ratio * A)) per token, ratio 1
+    token_loss, _ = ppo.policy_loss(torch.log(torch.tensor([[2.0, 0.5]])), old, advantages, mask, clip_range=0.2)
+    assert token_loss.item() == pytest.approx(-(1.2 + 0.5) / 2)  # token level: the 2x token is clipped
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+def test_a_fully_masked_batch_contributes_nothing(mode):
+    """All responses truncated under reward.mask_truncated: the loss is 0 with a zero gradient, not NaN."""
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = ppo.policy_loss(logprobs, torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3), 0.2,
+                              aggregation=mode, max_new_tokens=3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logprobs.grad, torch.zeros(2, 3))

@@ -129,7 +129,7 @@ def test_value_head_initialized_from_reward_score_head():
     module.policy_config = PolicyConfig("builtin:tiny-llama", value_head_from_reward=True)
     module.configure_model()
     torch.testing.assert_close(module.policy.value_head.weight, module.reward_model.model.score.weight)
-    with pytest.raises(ValueError, match="needs reward.model_name_or_path"):
+    with pytest.raises(ValueError, match=r"needs a reward model \(reward.model_name_or_path\)"):
         bad = make_module("builtin:tiny-llama")
         bad.policy_config = PolicyConfig("builtin:tiny-llama", value_head_from_reward=True)
         bad.configure_model()
@@ -229,22 +229,32 @@ def test_export_round_trip_matches_trained_policy(tmp_path):
 GPU_RECIPES = {
     "qwen2.5-0.5b-lora.yaml": "builtin:tiny-qwen2",
     "llama3.1-8b-qlora.yaml": "builtin:tiny-llama",
+    "qwen2.5-1.5b-grpo-math.yaml": "builtin:tiny-qwen2",
 }
 
 
 @pytest.mark.parametrize("recipe, policy", GPU_RECIPES.items())
 def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
     """The recipe as shipped (precision, quantization, PPO settings), with tiny local models and data."""
+    substitutes = [f"--model.policy.model_name_or_path={policy}", "--data.batch_size=8", "--data.max_prompt_length=32",
+                   "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1"]
+    if "grpo" in recipe:  # prompts with answers; its own rewards (math-verify) score them
+        categories = os.path.join(REPO_ROOT, "recipes", "data", "word_categories.jsonl")
+        substitutes += [f"--data.path={categories}", f"--data.val_path={categories}", "--data.val_split=train",
+                        "--data.prompt_field=prompt", "--model.evaluation.max_new_tokens=6",
+                        "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",
+                        "--model.reward.overlong_buffer=2"]
+    else:
+        substitutes += ["--model.reward.model_name_or_path=builtin:tiny-llama-classifier", f"--data.path={QUICKSTART_PROMPTS}"]
     result = run_cli(
-        "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu",
-        f"--model.policy.model_name_or_path={policy}",
-        "--model.reward.model_name_or_path=builtin:tiny-llama-classifier",
-        f"--data.path={QUICKSTART_PROMPTS}", "--data.batch_size=8", "--data.max_prompt_length=32",
-        "--model.generation.max_new_tokens=6", "--trainer.limit_train_batches=1", cwd=tmp_path,
+        "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu", *substitutes,
+        cwd=tmp_path,
     )  # W&B runs offline in the tests (WANDB_MODE=offline)
     assert result.returncode == 0, result.stderr[-3000:]
     name = recipe.removesuffix(".yaml")
     log = next((tmp_path / "outputs" / name / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert b"objective/scores" in log and b"loss/policy_avg" in log
+    if "grpo" in recipe:
+        assert b"reward/correct" in log and b"reward/boxed" in log and b"eval/pass@4" in log
     (run_dir,) = (tmp_path / "outputs" / name / "lit-rlhf").iterdir()  # <save_dir>/<project>/<run id>
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
