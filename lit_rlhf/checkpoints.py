@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torch import nn
+
 # Model sections that define the trained weights: a checkpoint of other ones cannot be resumed.
 _MODEL_SECTIONS_THAT_MUST_MATCH = ("policy", "reward", "reference")
 
@@ -73,3 +75,23 @@ def recipe_changes(
             if before != now:
                 refuse.append(f"data.{field}: {before!r} -> {now!r}")
     return refuse, warn
+
+
+class TrainedWeightsOnly(nn.Module):
+    """A module whose state dict holds the weights it trains (``requires_grad``) and nothing else.
+
+    The frozen base comes from its checkpoint: checkpoints (of every strategy) neither hold nor gather it.
+    Selected by the state dict's own tensors, so wrapper prefixes in parameter names cannot drop a trained
+    weight.
+    """
+
+    def state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        everything = super().state_dict(prefix=prefix, keep_vars=True)
+        trained = {
+            name: value if keep_vars else value.detach()
+            for name, value in everything.items() if isinstance(value, nn.Parameter) and value.requires_grad
+        }
+        if destination is not None:
+            destination.update(trained)
+            return destination
+        return trained

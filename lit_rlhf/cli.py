@@ -94,12 +94,17 @@ def _fit(argv: list[str]) -> None:
     # main() passes the arguments it has read (without --debug) on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
-    class PPOCLI(LightningCLI):
-        """``lit-rlhf fit --config recipe.yaml``; the data module's tokenizer follows the policy."""
+    stage = _stage_class(argv)
+    model_class, data_class = (PPOModule, PromptDataModule) if stage is None else (stage, stage.datamodule_class)
+    prefix = "" if stage is None else "init_args."
+    source = getattr(model_class, "tokenizer_source", "policy")
+
+    class StageCLI(LightningCLI):
+        """``lit-rlhf fit --config recipe.yaml``; the data module's tokenizer follows the trained model."""
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.policy.model_name_or_path", "data.tokenizer")
-            parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+            parser.link_arguments(f"model.{prefix}{source}.model_name_or_path", f"data.{prefix}tokenizer")
+            parser.link_arguments(f"model.{prefix}{source}.trust_remote_code", f"data.{prefix}trust_remote_code")
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -109,14 +114,57 @@ def _fit(argv: list[str]) -> None:
             prepare_fit_config(self.config[self.subcommand])
 
     try:
-        PPOCLI(
-            PPOModule, PromptDataModule, args=argv, seed_everything_default=0, auto_configure_optimizers=False,
-            save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "lit-rlhf"},
+        StageCLI(
+            model_class, data_class, args=argv, seed_everything_default=0,
+            auto_configure_optimizers=False, save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lit-rlhf"}, subclass_mode_model=stage is not None,
+            subclass_mode_data=stage is not None,
         )
     except SIGTERMException:
         print("Stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+
+
+def _stage_class(argv: list[str]) -> Optional[type]:
+    """The stage a recipe asks for with ``model.class_path`` (SFT, reward model), or None for PPO.
+
+    Read from the ``--config`` files and ``--model``/``--model.class_path`` arguments, in order (the last wins),
+    before LightningCLI builds its parser: PPO recipes need no ``class_path``.
+    """
+    import importlib
+
+    import yaml
+
+    class_path = None
+    for index, arg in enumerate(argv):
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in ("--config", "-c") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else value
+            if path and os.path.isfile(path):
+                with open(path) as file:
+                    recipe = yaml.safe_load(file) or {}
+                model = recipe.get("model") if isinstance(recipe, dict) else None
+                if isinstance(model, dict) and model.get("class_path"):
+                    class_path = model["class_path"]
+        elif arg.startswith(("--model.class_path=", "--model=")):
+            class_path = arg.split("=", 1)[1]
+        elif arg in ("--model.class_path", "--model") and value:
+            class_path = value
+    if class_path is None or class_path.rsplit(".", 1)[-1] == "PPOModule":
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        stage = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        from lit_rlhf.errors import ConfigError
+
+        raise ConfigError(f"model.class_path={class_path!r} cannot be imported ({err}): use "
+                          "lit_rlhf.sft.SFTModule, lit_rlhf.reward_modeling.RewardModelModule or none (PPO)") from err
+    if not hasattr(stage, "datamodule_class"):
+        from lit_rlhf.errors import ConfigError
+
+        raise ConfigError(f"model.class_path={class_path!r} is not a lit-rlhf stage (it names no datamodule_class)")
+    return stage
 
 
 if __name__ == "__main__":

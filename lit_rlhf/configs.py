@@ -7,8 +7,12 @@ the reward, the reference, the PPO/critic-free hyper-parameters, the evaluation 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
+
+import torch
 
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.errors import ConfigError
@@ -195,3 +199,24 @@ class OptimizerConfig:
     """Decay of the learning rate to 0 over the run (per optimizer step)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
+
+
+def optimizer_and_schedule(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: int) -> dict[str, Any]:
+    """AdamW on ``params`` with ``cfg``'s warm-up and decay over ``total_steps`` optimizer steps, stepped per
+    optimizer step (Lightning's ``configure_optimizers`` answer)."""
+    optimizer = torch.optim.AdamW(list(params), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    total = max(total_steps, 1)
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+        if cfg.scheduler == "linear":
+            return 1.0 - progress
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

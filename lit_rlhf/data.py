@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
-
 import warnings
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -22,13 +21,9 @@ warnings.filterwarnings("ignore", message="Total length of `list` across ranks i
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_prompts(path: str, prompt_field: str, split: str) -> tuple[list[str], dict[str, list]]:
-    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset, and the
-    other columns (e.g. the answers a verifiable reward checks against).
-
-    Every prompt must be text: a missing, null or numeric value is an error naming its row, never a
-    prompt "None" or "42".
-    """
+def load_table(path: str, split: str) -> dict[str, list]:
+    """The columns of a local .jsonl/.json/.parquet/.csv file, a ``save_to_disk`` folder or a hub data set,
+    with errors that name the file (and the line of a malformed .jsonl)."""
     import datasets
 
     extension = os.path.splitext(path)[1].lower()
@@ -37,7 +32,7 @@ def load_prompts(path: str, prompt_field: str, split: str) -> tuple[list[str], d
             if not os.path.isfile(path):
                 raise ConfigError(f"data.path={path!r} does not exist (relative paths start at {os.getcwd()!r})")
             if not open(path, "rb").read(4096).strip():
-                raise ConfigError(f"data.path={path!r} is empty: it holds no prompts")
+                raise ConfigError(f"data.path={path!r} is empty: it holds no rows")
             dataset = datasets.load_dataset(_FILE_FORMATS[extension], data_files=path, split="train")
         elif os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
             dataset = datasets.load_from_disk(path)
@@ -50,28 +45,50 @@ def load_prompts(path: str, prompt_field: str, split: str) -> tuple[list[str], d
             _raise_for_bad_json_line(path)
         cause = str(err.__cause__ or err) or type(err).__name__
         raise ConfigError(
-            f"Could not load prompts from data.path={path!r} (split {split!r}): give a .jsonl/.json/.parquet/.csv "
+            f"Could not load data.path={path!r} (split {split!r}): give a .jsonl/.json/.parquet/.csv "
             f"file, a folder saved with save_to_disk, or a dataset name reachable from this machine. Cause: {cause}"
         ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise ConfigError(f"data.split={split!r} is not in {path!r}; it has {list(dataset)}")
         dataset = dataset[split]
-    if prompt_field not in dataset.column_names:
+    if len(dataset) == 0:
+        raise ConfigError(f"data.path={path!r} holds no rows: the data set is empty")
+    return {name: list(dataset[name]) for name in dataset.column_names}
+
+
+def require_column(table: dict[str, list], field: str, path: str, kind: type = str) -> list:
+    """The values of column ``field`` (given by the recipe field ``data.<name>``), each of type ``kind``."""
+    if field not in table:
+        raise ConfigError(f"{field!r} is not a column of data.path={path!r}; its columns are {sorted(table)}")
+    values = table[field]
+    for row, value in enumerate(values, start=1):
+        if not isinstance(value, kind):
+            what = "has no value" if value is None else f"is {type(value).__name__} {str(value)[:40]!r}, not {kind.__name__}"
+            raise ConfigError(f"data.path={path!r}, row {row}: column {field!r} {what}; fix or remove that row")
+    return values
+
+
+def load_prompts(path: str, prompt_field: str, split: str) -> tuple[list[str], dict[str, list]]:
+    """Read the ``prompt_field`` column of a local file, a saved dataset folder or a hub dataset, and the
+    other columns (e.g. the answers a verifiable reward checks against).
+
+    Every prompt must be text: a missing, null or numeric value is an error naming its row, never a
+    prompt "None" or "42".
+    """
+    table = load_table(path, split)
+    if prompt_field not in table:
         raise ConfigError(
-            f"data.prompt_field={prompt_field!r} is not a column of {path!r}; its columns are {dataset.column_names}"
+            f"data.prompt_field={prompt_field!r} is not a column of {path!r}; its columns are {sorted(table)}"
         )
-    prompts = list(dataset[prompt_field])
-    if not prompts:
-        raise ConfigError(f"data.path={path!r} holds no prompts: the data set is empty")
-    for row, prompt in enumerate(prompts, start=1):
+    for row, prompt in enumerate(table[prompt_field], start=1):
         if not isinstance(prompt, str):
             what = "has no value" if prompt is None else f"is {type(prompt).__name__} {prompt!r}, not text"
             raise ConfigError(
                 f"data.path={path!r}, row {row}: data.prompt_field={prompt_field!r} {what}; fix or remove that row"
             )
-    columns = {name: list(dataset[name]) for name in dataset.column_names if name != prompt_field}
-    return prompts, columns
+    prompts = table.pop(prompt_field)
+    return prompts, table
 
 
 def _raise_for_bad_json_line(path: str) -> None:

@@ -28,8 +28,6 @@ def export_policy(
         dtype: Dtype of the merged weights.
         trust_remote_code: Allow the base checkpoint's own modelling code to run.
     """
-    from peft import PeftConfig, PeftModel
-
     if (adapter_dir is None) == (checkpoint is None):
         raise ConfigError("export: give exactly one of --adapter_dir (a run's policy/ folder) and --checkpoint (a .ckpt)")
     with tempfile.TemporaryDirectory() as scratch:
@@ -40,16 +38,35 @@ def export_policy(
             raise ConfigError(
                 f"adapter_dir={adapter_dir!r} holds no adapter_config.json: give the policy/ folder of a run"
             )
-        base_path = base_model or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-        base = load_causal_lm(base_path, dtype, trust_remote_code, field_name="base_model")
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        output = Path(output_dir)
-        merged.save_pretrained(output)
-        tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
-        load_tokenizer(tokenizer_source, trust_remote_code).save_pretrained(output)
+        output = merge_adapter(adapter, output_dir, base_model, dtype, trust_remote_code)
         if (adapter / VALUE_HEAD_FILE).is_file():
             shutil.copy(adapter / VALUE_HEAD_FILE, output / VALUE_HEAD_FILE)
     print(f"Merged model written to {output}")
+    return output
+
+
+def merge_adapter(
+    adapter_dir: str | Path, output_dir: str | Path, base_model: Optional[str] = None, dtype: DType = "float32",
+    trust_remote_code: bool = False, sequence_classification: bool = False,
+) -> Path:
+    """Load the adapter's base model in ``dtype`` (never quantized), merge the adapter into it and save model and
+    tokenizer to ``output_dir``: a plain ``transformers`` checkpoint (a causal LM, or a one-label sequence
+    classifier for a reward model, with its trained score head)."""
+    from peft import PeftConfig, PeftModel
+
+    adapter = Path(adapter_dir)
+    base_path = base_model or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if sequence_classification:
+        from lit_rlhf.reward_modeling import load_sequence_classifier
+
+        base = load_sequence_classifier(base_path, dtype, trust_remote_code, tokenizer_dir=str(adapter))
+    else:
+        base = load_causal_lm(base_path, dtype, trust_remote_code, field_name="base_model")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    output = Path(output_dir)
+    merged.save_pretrained(output)
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
+    load_tokenizer(tokenizer_source, trust_remote_code).save_pretrained(output)
     return output
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
 import torch
-from torch import Tensor, nn
 import transformers
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from lit_rlhf.errors import ConfigError
@@ -41,13 +41,14 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 
 
 @dataclass
-class PolicyConfig:
-    """The trained policy: a causal LM with a LoRA adapter and a value head."""
+class ModelConfig:
+    """A model that trains: a checkpoint whose LoRA adapter (or, where a stage allows it, every weight)
+    learns, optionally quantized."""
 
     model_name_or_path: str = "builtin:tiny-llama"
     """Hugging Face hub id, local checkpoint folder, or ``builtin:tiny-<arch>`` (built offline)."""
     dtype: DType = "float32"
-    """Dtype of the frozen base weights; LoRA and value-head weights stay float32."""
+    """Dtype of the frozen base weights; LoRA (and value-head) weights stay float32."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own modelling code to run (only for checkpoints you trust)."""
     lora_r: int = 16
@@ -55,12 +56,21 @@ class PolicyConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input; only active when ``ppo.disable_dropout`` is false."""
+    """Dropout on the LoRA input (PPO: only active when ``ppo.disable_dropout`` is false)."""
     lora_target_modules: Optional[list[str]] = None
     """Module names to adapt; None picks the attention and MLP projections of known architectures;
     ``[all-linear]`` adapts every linear layer except the LM head."""
     quantization: Quantization = None
     """Load the frozen base weights in ``4bit`` (nf4, double quantization; QLoRA) or ``8bit`` (bitsandbytes)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
+    for about one more forward."""
+
+
+@dataclass
+class PolicyConfig(ModelConfig):
+    """The trained policy: a causal LM with a LoRA adapter and (for PPO) a value head."""
+
     value_head_init_std: float = 0.0
     """Std of the value head's normal init; 0 starts it at zero (values 0 before any update)."""
     value_head_from_reward: bool = False
@@ -69,9 +79,6 @@ class PolicyConfig:
     """Where PPO's value function lives (``gae`` only): a head on the policy's own last hidden state
     (``shared_head``), or a second LoRA adapter plus head on the same frozen base (``adapter``): a separate
     critic without a second copy of the base weights."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
-    in the PPO passes for about one more forward."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> "transformers.PreTrainedTokenizerBase":
@@ -582,6 +589,32 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
+def add_lora(base: nn.Module, config: ModelConfig, task_type: str = "CAUSAL_LM",
+             modules_to_save: Optional[list[str]] = None, field: str = "policy") -> tuple[nn.Module, object]:
+    """Wrap ``base`` with a LoRA adapter on ``config.lora_target_modules`` (by default the architecture's
+    attention and MLP projections); ``modules_to_save`` are trained in full (e.g. a reward model's head)."""
+    from peft import LoraConfig, get_peft_model
+
+    if config.lora_r <= 0:
+        raise ConfigError(f"{field}.lora_r must be positive: the adapter is what trains")
+    targets = config.lora_target_modules or default_lora_targets(base)
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+    try:
+        return get_peft_model(base, lora), lora
+    except ValueError as err:
+        raise ConfigError(f"{field}.lora_target_modules={targets}: {err}") from err
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass; non-reentrant, so it works with a frozen base (no
+    input that requires grad) and with sharded weights."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_policy(
     config: PolicyConfig, device: Optional[torch.device] = None, value_head: bool = True
 ) -> PolicyWithValueHead:
@@ -593,24 +626,9 @@ def load_policy(
         config.model_name_or_path, config.dtype, config.trust_remote_code, field_name="policy.model_name_or_path",
         quantization=config.quantization, device=device,
     )
-    targets = config.lora_target_modules or default_lora_targets(base)
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(base, lora)
-    except ValueError as err:
-        raise ConfigError(f"policy.lora_target_modules={targets}: {err}") from err
+    model, lora = add_lora(base, config)
     if config.gradient_checkpointing:
-        # non-reentrant: works with a frozen base (no input that requires grad) and with sharded weights
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(base)
     check_logprobs_match_model(model, config.model_name_or_path)
     if not value_head:
         return PolicyWithValueHead(model, None)
@@ -738,17 +756,38 @@ class SequenceClassifierReward(nn.Module):
         ])
 
     def _score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.score_head is None:  # encoder classifiers pool on their own first token
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        else:
-            hidden = self.model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from(attention_mask), use_cache=False,
-            ).last_hidden_state
-            last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            logits = self.score_head(pooled.to(self.score_head.weight.dtype))
-        return logits[:, self.label_index].float()
+        return sequence_scores(self.model, input_ids, attention_mask, self.label_index)
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, label_index: int = 0) -> Tensor:
+    """A sequence classifier's score of each row ``[batch]``, at the last real token (left or right padding).
+
+    Decoder classifiers (a linear ``score`` head, peft-wrapped or not) are pooled here, so that padding on
+    either side gives the same score; encoder classifiers pool on their own.
+    """
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = getattr(inner, "score", None)
+    if head is None:  # encoder classifiers pool on their own first token
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, label_index].float()
+    hidden = inner.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weight = head.weight if isinstance(head, nn.Linear) else next(head.parameters())
+    return head(pooled.to(weight.dtype))[:, label_index].float()
+
+
+def next_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``log p(token_t | tokens_<t)`` for t = 1.. of each row ``[batch, len - 1]`` (right padding), through the
+    chunked LM head: the ``[batch, len, vocab]`` logits are never held at once."""
+    _, lm_head = backbone_and_head(model)
+    hidden = response_hidden(model, input_ids, attention_mask, context_length=1)
+    logprobs, _ = head_logprobs(hidden, lm_head, input_ids[:, 1:], 1.0, transform=LogitTransform.of(model.config))
+    return logprobs
 
 
 def init_value_head_from_reward(value_head: nn.Linear, reward: SequenceClassifierReward) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import resource
 import time
@@ -16,20 +15,52 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+)
 from torch import Tensor, nn
 
-from lit_rlhf.errors import ConfigError, TrainingError
 from lit_rlhf import ppo as ppo_math
+from lit_rlhf.checkpoints import (
+    TrainedWeightsOnly,
+    plain,
+    recipe_changes,
+    resume_cut_epoch_mid_epoch,
+)
+from lit_rlhf.configs import (
+    EvaluationConfig,
+    OptimizerConfig,
+    PPOConfig,
+    ReferenceConfig,
+    RewardConfig,
+    optimizer_and_schedule,
+)
+from lit_rlhf.errors import ConfigError, TrainingError
 from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
-    PolicyConfig, SequenceClassifierReward, disable_dropout, freeze, init_value_head_from_reward, load_causal_lm, load_generation_config, load_policy, load_tokenizer,
-    model_context_length, response_forward,
+    PolicyConfig,
+    SequenceClassifierReward,
+    disable_dropout,
+    freeze,
+    init_value_head_from_reward,
+    load_causal_lm,
+    load_generation_config,
+    load_policy,
+    load_tokenizer,
+    model_context_length,
+    response_forward,
 )
-from lit_rlhf.checkpoints import plain, recipe_changes, resume_cut_epoch_mid_epoch
-from lit_rlhf.configs import EvaluationConfig, OptimizerConfig, PPOConfig, ReferenceConfig, RewardConfig
 from lit_rlhf.rewards import FunctionReward, HTTPReward, RewardSet
-from lit_rlhf.rollout import Samples, SamplingConfig, response_mask, sample_responses, stop_token_ids, trim_padding
+from lit_rlhf.rollout import (
+    Samples,
+    SamplingConfig,
+    response_mask,
+    sample_responses,
+    stop_token_ids,
+    trim_padding,
+)
 from lit_rlhf.sharding import shard_policy
 
 # Frozen models and the policy are kept in eval mode on purpose: dropout stays off in rollouts and PPO passes.
@@ -68,7 +99,7 @@ class Rollout:
         }
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(TrainedWeightsOnly, L.LightningModule):
     """PPO for a LoRA policy with a value head, against a frozen reference and a reward."""
 
     def __init__(
@@ -282,23 +313,8 @@ class PPOModule(L.LightningModule):
                 strategy.config.setdefault("gradient_clipping", self.ppo_config.max_grad_norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optimizer_config
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        total = max(self._total_optimizer_steps(), 1)
-
-        def lr_factor(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
-            if cfg.scheduler == "linear":
-                return 1.0 - progress
-            if cfg.scheduler == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_and_schedule(params, self.optimizer_config, self._total_optimizer_steps())
 
     def _total_optimizer_steps(self) -> int:
         """Optimizer steps in the run: ``trainer.max_steps`` counts them; epochs count iterations."""
@@ -759,23 +775,6 @@ class PPOModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return values.flatten()
         return self.all_gather(values).flatten()
-
-    def state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
-        """The weights PPO trains (LoRA and value head) and nothing else.
-
-        The frozen base comes from ``policy.model_name_or_path``: checkpoints (of every strategy) neither
-        hold nor gather it. Selected by the state dict's own tensors (``requires_grad``), so wrapper
-        prefixes in parameter names cannot drop a trained weight.
-        """
-        everything = super().state_dict(prefix=prefix, keep_vars=True)
-        trained = {
-            name: value if keep_vars else value.detach()
-            for name, value in everything.items() if isinstance(value, nn.Parameter) and value.requires_grad
-        }
-        if destination is not None:
-            destination.update(trained)
-            return destination
-        return trained
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the names of the trained weights, so that a resume can tell whether the checkpoint holds all of them

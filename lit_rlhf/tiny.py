@@ -17,8 +17,12 @@ from typing import Optional
 import safetensors.torch
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.rewards import NEGATIVE_WORDS, POSITIVE_WORDS

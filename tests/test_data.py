@@ -42,7 +42,7 @@ def test_saved_dataset_folder_and_chat_template(tiny_llama, tmp_path):
 def test_empty_data_set(tiny_llama, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    with pytest.raises(ValueError, match=r"empty.jsonl.* is empty: it holds no prompts"):
+    with pytest.raises(ValueError, match=r"empty.jsonl.* is empty: it holds no rows"):
         _setup(str(path), tiny_llama)
 
 

@@ -1,0 +1,167 @@
+"""Prompt + completion data for the SFT and reward-model stages: reading rows, tokenizing them the way PPO
+sees them, and batching rows of similar length together.
+
+A completion is tokenized after its prompt and ends with the EOS token, exactly as a PPO rollout's
+response does (the stop token included), so a reward model trained here scores PPO's rollouts the way it
+was trained, and an SFT policy learns to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import Sampler
+
+from lit_rlhf.errors import ConfigError
+
+
+@dataclass
+class Encoded:
+    """One prompt + completion: token ids and which of them are the completion."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def split_messages(messages: Any, where: str) -> tuple[list[dict], str]:
+    """A chat's earlier turns and its final assistant answer (the completion)."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ConfigError(f"{where}: expected a list of chat messages ({{role, content}}), got {str(messages)[:80]!r}")
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        raise ConfigError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
+    return messages[:-1], str(last.get("content") or "")
+
+
+def encode(tokenizer: Any, prompt: Any, completion: str, chat: bool) -> Encoded:
+    """Tokenize ``prompt`` (text, or earlier chat turns when ``chat``) and ``completion`` + EOS after it.
+
+    The completion's ids are those of the whole text after the prompt's, so tokens that merge across the
+    boundary are not split in two.
+    """
+    if chat:
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": completion}], tokenize=True,
+                                             return_dict=False)
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(f"{prompt} {completion}")["input_ids"]
+    if full[: len(prompt_ids)] == prompt_ids:
+        completion_ids = list(full[len(prompt_ids):])
+    else:
+        completion_ids = tokenizer(f" {completion}", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not completion_ids or completion_ids[-1] != eos):
+        completion_ids = completion_ids + [eos]
+    return Encoded(list(prompt_ids), completion_ids)
+
+
+def fit_length(pair: Encoded, max_length: int, overlong: str) -> Optional[Encoded]:
+    """``pair`` if it fits ``max_length`` tokens; else None (``drop``) or its completion cut (``truncate``)."""
+    if len(pair) <= max_length:
+        return pair
+    if overlong == "drop":
+        return None
+    room = max_length - len(pair.prompt_ids)
+    if room < 1:
+        return None  # the prompt alone is too long: nothing to learn from
+    return Encoded(pair.prompt_ids, pair.completion_ids[:room])
+
+
+def right_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of token lists padded on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of rows of similar length, in a random order: little padding, no bias toward short rows.
+
+    Each epoch shuffles the rows with a generator seeded by ``(seed, epoch)``, sorts windows of
+    ``window_batches`` batches by length and cuts them into batches, then shuffles the batches. Under data
+    parallelism each rank takes every ``num_replicas``-th batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window_batches: int = 50,
+                 num_replicas: int = 1, rank: int = 0, shuffle: bool = True) -> None:
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.window = batch_size * window_batches
+        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist() if self.shuffle else list(range(len(self.lengths)))
+        batches = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start : start + self.window], key=lambda i: self.lengths[i])
+            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        usable = len(batches) // self.num_replicas * self.num_replicas
+        return batches[self.rank : usable : self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n, b = len(self.lengths), self.batch_size
+        batches = sum(math.ceil(min(self.window, n - start) / b) for start in range(0, n, self.window))
+        return batches // self.num_replicas
+
+
+class PairsDataModule(L.LightningDataModule):
+    """What the SFT and preference data modules share: the tokenizer, training and held-out pairs, checks.
+
+    Subclasses save their own hyper-parameters (``batch_size``, ``max_length``, ``path``, ``split``,
+    ``val_path``, ``val_split``, ``tokenizer``, ``trust_remote_code``) and read rows in ``_pairs``.
+    """
+
+    def _check_sizes(self) -> None:
+        if self.hparams.batch_size < 1 or self.hparams.max_length < 2:
+            raise ConfigError("data.batch_size must be >= 1 and data.max_length >= 2")
+        self.train_pairs: list = []
+        self.val_pairs: list = []
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_pairs:
+            return
+        from lit_rlhf.models import load_tokenizer
+
+        hp = self.hparams
+        if hp.tokenizer is None:
+            raise ConfigError("data.tokenizer is not set: give the model's model_name_or_path")
+        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.train_pairs = self._pairs(tokenizer, hp.path, hp.split)
+        if len(self.train_pairs) < hp.batch_size:
+            raise ConfigError(f"data.path={hp.path!r} has {len(self.train_pairs)} usable pairs, fewer than "
+                              f"data.batch_size={hp.batch_size}")
+        self.val_pairs = self._pairs(tokenizer, hp.val_path, hp.val_split or hp.split) if hp.val_path else []
+
+    def _pairs(self, tokenizer: Any, path: str, split: str) -> list:
+        raise NotImplementedError
+
+    def _ranks(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)

@@ -1,0 +1,50 @@
+"""What the SFT and reward-model stages share: the optimizer, and writing the adapter and the merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.checkpoints import TrainedWeightsOnly
+from lit_rlhf.configs import optimizer_and_schedule
+
+
+class AdapterStage(TrainedWeightsOnly, L.LightningModule):
+    """A stage that trains ``self.model`` (a LoRA adapter, or all weights with ``full_finetune``) and exports it.
+
+    Subclasses set ``self.model``, ``self.tokenizer``, ``self.config`` (a ``ModelConfig``),
+    ``self.optimizer_config``, ``self.full_finetune`` and ``self.export_dir``.
+    """
+
+    export_name = "model"  # the merged model's folder in the run's folder (unless export_dir)
+    sequence_classification = False
+    export_use = "model.policy.model_name_or_path"
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        return optimizer_and_schedule(params, self.optimizer_config, total)
+
+    def on_train_end(self) -> None:
+        """Write ``adapter/`` and the merged model (``export_dir`` or ``<run>/<export_name>``), with the tokenizer."""
+        from lit_rlhf.runs import run_directory
+
+        run_dir = run_directory(self.trainer)  # a collective under DDP: every rank must ask
+        if not self.trainer.is_global_zero:
+            return
+        target = Path(self.export_dir) if self.export_dir else run_dir / self.export_name
+        if self.full_finetune:
+            self.model.save_pretrained(target)
+        else:
+            from lit_rlhf.export import merge_adapter
+
+            adapter = run_dir / "adapter"
+            self.model.save_pretrained(adapter)
+            self.tokenizer.save_pretrained(adapter)
+            merge_adapter(adapter, target, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code,
+                          sequence_classification=self.sequence_classification)
+        self.tokenizer.save_pretrained(target)
+        rank_zero_info(f"Trained model written to {target} (use it as {self.export_use})")
