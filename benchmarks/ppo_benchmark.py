@@ -1,14 +1,19 @@
-"""One PPO workload, three systems: lit-rlhf, TRL's PPOTrainer, and a bare ``model.generate`` loop.
+"""One PPO workload, five systems: lit-rlhf sampling with Hugging Face ``generate`` and with its vLLM engine,
+TRL's PPOTrainer, and the two ceilings for rollouts, a bare ``model.generate`` loop and bare vLLM ``generate``.
 
     python benchmarks/ppo_benchmark.py                      # default workload, all systems, ratios
     python benchmarks/ppo_benchmark.py --systems lit-rlhf generate --iterations 3
+    python benchmarks/ppo_benchmark.py --grid               # 256/4 and 768/6 Llamas x 4k and 32k vocabularies
 
 Every system gets the same randomly initialized Llama-style policy, reward model, tokenizer, prompts and
 settings (built once into a temporary folder), and runs in its own subprocess so that its peak memory is
 its own. Each prints one JSON line: medians over the timed iterations (after warm-up) of the seconds per
-PPO iteration, of its rollout and optimization phases and of the response tokens per rollout second, and
-the peak memory (resident set on CPU, CUDA allocator peak on GPU). A last line gives the ratios
-lit-rlhf / TRL and lit-rlhf rollout / bare generate.
+PPO iteration, of its rollout and optimization phases, of the sampling alone (``generation_s``; lit-rlhf's
+includes the vLLM engine's weight sync; the rollout adds scoring and the log-prob and value passes), of
+the response tokens per rollout second and per sampling second, and the peak memory (resident set on CPU,
+CUDA allocator peak on GPU). A last line gives the ratios lit-rlhf / TRL and lit-rlhf / bare generate
+(rollout and sampling alone), and the same for lit-rlhf on vLLM against bare vLLM. The vLLM systems
+(``lit-rlhf-vllm``, ``vllm``) need vLLM installed (see the README) and are left out when it is not.
 
 TRL's peer is ``trl.experimental.ppo.PPOTrainer`` from ``trl==1.10.0`` (``pip install -e ".[bench]"``).
 It trains a separate value model (its design; lit-rlhf puts the value head on the policy's backbone),
@@ -28,12 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-SYSTEMS = ("lit-rlhf", "trl", "generate")
+SYSTEMS = ("lit-rlhf", "lit-rlhf-vllm", "trl", "generate", "vllm")
+VLLM_SYSTEMS = ("lit-rlhf-vllm", "vllm")
+# --grid: (hidden size, layers, heads, intermediate size) x vocabulary sizes
+GRID_MODELS = ((256, 4, 4, 688), (768, 6, 12, 2048))
+GRID_VOCABULARIES = (4096, 32000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                        help="default: all (the vLLM ones only when vLLM is installed)")
+    parser.add_argument("--grid", action="store_true",
+                        help="run the workload at every model size and vocabulary of the grid, then a summary table")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
@@ -133,7 +145,11 @@ def summarize(system: str, args, iterations: list[dict], baseline_mb: float) -> 
         "memory_kind": "cuda_max_allocated" if args.device == "cuda" else "peak_rss",
         "iterations_timed": len(timed),
     }
-    if system == "generate":
+    if all("generation" in it for it in timed):  # the sampling alone (lit-rlhf: engine sync included)
+        result["generation_s"] = round(statistics.median(it["generation"] for it in timed), 4)
+        result["generation_tokens_per_s"] = round(
+            statistics.median(it["tokens"] / it["generation"] for it in timed), 1)
+    if system in ("generate", "vllm"):
         result["optimization_s"] = 0.0
     if args.device == "cpu":
         result["peak_rss_over_imports_mb"] = round(result["peak_memory_mb"] - baseline_mb, 1)
@@ -150,7 +166,7 @@ def set_up_torch(args) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # lit-rlhf: the package's own LightningModule and data module, through a Lightning Trainer
-def run_lit_rlhf(args, directory: Path) -> dict:
+def run_lit_rlhf(args, directory: Path, engine: str = "hf") -> dict:
     import lightning as L
 
     from lit_rlhf.data import PromptDataModule
@@ -171,6 +187,7 @@ def run_lit_rlhf(args, directory: Path) -> dict:
             iterations.append({
                 "seconds": time.perf_counter() - self.start,
                 "rollout": float(metrics["perf/rollout_sec"]),
+                "generation": float(metrics["perf/generate_sec"]),
                 "optimization": float(metrics["perf/train_sec"]),
                 "tokens": int(pl_module.latest_rollout.mask.sum()),
             })
@@ -179,7 +196,7 @@ def run_lit_rlhf(args, directory: Path) -> dict:
         policy=PolicyConfig(str(directory / "policy"), dtype="float32", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                             gradient_checkpointing=args.gradient_checkpointing),
         reward=RewardConfig(model_name_or_path=str(directory / "reward")),
-        generation=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0),
+        generation=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0, engine=engine),
         ppo=PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches),
         optimizer=OptimizerConfig(lr=1e-5, scheduler="constant"),
     )
@@ -195,7 +212,7 @@ def run_lit_rlhf(args, directory: Path) -> dict:
         callbacks=[Timer()],
     )
     trainer.fit(module, data)
-    return summarize("lit-rlhf", args, iterations, baseline)
+    return summarize("lit-rlhf" if engine == "hf" else f"lit-rlhf-{engine}", args, iterations, baseline)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,29 +317,121 @@ def run_generate(args, directory: Path) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
         tokens = response_tokens(sequences[:, batch["input_ids"].shape[1]:], tokenizer.eos_token_id)
-        iterations.append({"seconds": seconds, "rollout": seconds, "optimization": 0.0, "tokens": tokens})
+        iterations.append({"seconds": seconds, "rollout": seconds, "generation": seconds, "optimization": 0.0,
+                           "tokens": tokens})
     return summarize("generate", args, iterations, baseline)
 
 
-WORKERS = {"lit-rlhf": run_lit_rlhf, "trl": run_trl, "generate": run_generate}
+# ------------------------------------------------------------------------------------------------
+# The vLLM ceiling: the same engine lit-rlhf drives, generating from the same prompts with the same settings
+def run_vllm(args, directory: Path) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from lit_rlhf.engines import kv_cache_bytes
+
+    baseline = current_rss_mb()
+    set_up_torch(args)
+    tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
+    context = args.prompt_tokens + 8 + args.response_tokens
+    cache = (kv_cache_bytes(AutoConfig.from_pretrained(directory / "policy"), args.batch_size, context,
+                            getattr(torch, args.dtype)) if args.device == "cpu" else None)
+    llm = LLM(model=str(directory / "policy"), dtype=args.dtype, seed=0, max_model_len=context,
+              enforce_eager=args.device == "cpu", enable_prefix_caching=False, kv_cache_memory_bytes=cache,
+              gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=1.0, top_k=-1, top_p=1.0, max_tokens=args.response_tokens,
+                            stop_token_ids=[tokenizer.eos_token_id], ignore_eos=True, detokenize=False)
+    prompts = read_prompts(directory)
+    iterations = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = [{"prompt_token_ids": tokenizer(p)["input_ids"]} for p in prompts[start:start + args.batch_size]]
+        began = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - began
+        tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+        iterations.append({"seconds": seconds, "rollout": seconds, "generation": seconds, "optimization": 0.0,
+                           "tokens": tokens})
+    return summarize("vllm", args, iterations, baseline)
+
+
+WORKERS = {
+    "lit-rlhf": run_lit_rlhf,
+    "lit-rlhf-vllm": lambda args, directory: run_lit_rlhf(args, directory, engine="vllm"),
+    "trl": run_trl,
+    "generate": run_generate,
+    "vllm": run_vllm,
+}
 
 
 def ratios(results: dict[str, dict]) -> dict:
+    """lit-rlhf (each engine) against TRL's PPO, and its rollouts against the bare engine it samples with."""
     out = {}
-    ours, trl, generate = results.get("lit-rlhf"), results.get("trl"), results.get("generate")
-    if ours and trl:
-        out["time_lit_rlhf_over_trl"] = round(ours["s_per_iteration"] / trl["s_per_iteration"], 3)
-        out["memory_lit_rlhf_over_trl"] = round(ours["peak_memory_mb"] / trl["peak_memory_mb"], 3)
-        if "peak_rss_over_imports_mb" in ours:
-            out["memory_over_imports_lit_rlhf_over_trl"] = round(
-                ours["peak_rss_over_imports_mb"] / trl["peak_rss_over_imports_mb"], 3)
-    if ours and generate:
-        out["rollout_tokens_per_s_lit_rlhf_over_generate"] = round(
-            ours["response_tokens_per_s"] / generate["response_tokens_per_s"], 3)
+    trl = results.get("trl")
+    for ours_name, ceiling_name in (("lit-rlhf", "generate"), ("lit-rlhf-vllm", "vllm")):
+        ours, ceiling, key = results.get(ours_name), results.get(ceiling_name), ours_name.replace("-", "_")
+        if ours and trl:
+            out[f"time_{key}_over_trl"] = round(ours["s_per_iteration"] / trl["s_per_iteration"], 3)
+            out[f"memory_{key}_over_trl"] = round(ours["peak_memory_mb"] / trl["peak_memory_mb"], 3)
+            if "peak_rss_over_imports_mb" in ours:
+                out[f"memory_over_imports_{key}_over_trl"] = round(
+                    ours["peak_rss_over_imports_mb"] / trl["peak_rss_over_imports_mb"], 3)
+        if ours and ceiling:
+            out[f"rollout_tokens_per_s_{key}_over_{ceiling_name}"] = round(
+                ours["response_tokens_per_s"] / ceiling["response_tokens_per_s"], 3)
+            out[f"generation_tokens_per_s_{key}_over_{ceiling_name}"] = round(
+                ours["generation_tokens_per_s"] / ceiling["generation_tokens_per_s"], 3)
+    if results.get("lit-rlhf") and results.get("lit-rlhf-vllm"):
+        out["rollout_tokens_per_s_vllm_engine_over_hf_engine"] = round(
+            results["lit-rlhf-vllm"]["response_tokens_per_s"] / results["lit-rlhf"]["response_tokens_per_s"], 3)
     return out
 
 
+def run_workload(args: argparse.Namespace, argv: list[str]) -> tuple[dict, dict]:
+    """Every system on one workload, each in its own process; prints and returns the results and ratios."""
+    keep = args.workdir is not None
+    directory = Path(args.workdir or tempfile.mkdtemp(prefix="lit_rlhf_bench_"))
+    build_workload(args, directory)
+    workload = {k: v for k, v in vars(args).items() if k not in ("systems", "worker", "workdir", "grid")}
+    print(json.dumps({"workload": workload}), flush=True)
+    results: dict[str, dict] = {}
+    for system in args.systems:
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", system, "--workdir", str(directory)]
+        env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("BENCHMARK_RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(json.dumps({"system": system, "error": completed.stderr[-3000:]}), flush=True)
+            raise SystemExit(1)
+        results[system] = json.loads(lines[-1][len("BENCHMARK_RESULT "):])
+        print(json.dumps(results[system]), flush=True)
+    out = ratios(results)
+    print(json.dumps({"ratios": out}), flush=True)
+    if not keep:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+    return results, out
+
+
+def grid_argv(argv: list[str], hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> list[str]:
+    """``argv`` without ``--grid``, ``--workdir`` and the model-shape options, plus one grid point's shape."""
+    shape_options = {"--hidden-size", "--num-layers", "--num-heads", "--intermediate-size", "--vocab-size", "--workdir"}
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in shape_options:
+            skip = True
+        elif item != "--grid" and item.split("=")[0] not in shape_options:
+            kept.append(item)
+    return [*kept, "--hidden-size", str(hidden), "--num-layers", str(layers), "--num-heads", str(heads),
+            "--intermediate-size", str(intermediate), "--vocab-size", str(vocab)]
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.device == "cpu":  # DeepSpeed, if installed, would print a GPU warning into our JSON output
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -330,28 +439,26 @@ def main(argv=None) -> int:
         result = WORKERS[args.worker](args, Path(args.workdir))
         print("BENCHMARK_RESULT " + json.dumps(result), flush=True)
         return 0
-    keep = args.workdir is not None
-    directory = Path(args.workdir or tempfile.mkdtemp(prefix="lit_rlhf_bench_"))
-    build_workload(args, directory)
-    workload = {k: v for k, v in vars(args).items() if k not in ("systems", "worker", "workdir")}
-    print(json.dumps({"workload": workload}), flush=True)
-    results: dict[str, dict] = {}
-    base = [sys.executable, os.path.abspath(__file__)] + [a for a in (argv or sys.argv[1:])]
-    for system in args.systems:
-        command = base + ["--worker", system, "--workdir", str(directory)]
-        env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-        completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("BENCHMARK_RESULT ")]
-        if completed.returncode != 0 or not lines:
-            print(json.dumps({"system": system, "error": completed.stderr[-3000:]}), flush=True)
-            return 1
-        results[system] = json.loads(lines[-1][len("BENCHMARK_RESULT "):])
-        print(json.dumps(results[system]), flush=True)
-    print(json.dumps({"ratios": ratios(results)}), flush=True)
-    if not keep:
-        import shutil
+    if args.systems is None:
+        import importlib.util
 
-        shutil.rmtree(directory, ignore_errors=True)
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        args.systems = [s for s in SYSTEMS if has_vllm or s not in VLLM_SYSTEMS]
+        argv += ["--systems", *args.systems]
+    if not args.grid:
+        run_workload(args, argv)
+        return 0
+    rows = []
+    for hidden, layers, heads, intermediate in GRID_MODELS:
+        for vocab in GRID_VOCABULARIES:
+            point = grid_argv(argv, hidden, layers, heads, intermediate, vocab)
+            _, out = run_workload(parse_args(point), point)
+            rows.append((f"{hidden}/{layers}", vocab, out))
+    names = sorted({name for _, _, out in rows for name in out})
+    print("| model | vocab | " + " | ".join(names) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    for model, vocab, out in rows:
+        print(f"| {model} | {vocab} | " + " | ".join(str(out.get(name, "")) for name in names) + " |")
     return 0
 
 

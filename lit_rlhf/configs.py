@@ -158,6 +158,11 @@ class PPOConfig:
     dynamic_sampling: bool = False
     """DAPO: drop groups whose scores are all equal (no learning signal) and sample replacements from new
     prompts, up to ``dynamic_sampling_max_retries`` times; then fill up with the dropped groups."""
+    rollout_correction: Literal["none", "tis"] = "none"
+    """Samples from an engine whose log-probs differ from the trainer's (vLLM in bf16): ``tis`` weighs each
+    token's loss by the truncated importance ratio ``min(pi_trainer / pi_engine, tis_cap)``."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance sampling weight."""
     dynamic_sampling_max_retries: int = 3
     """Extra sampling rounds per iteration for ``dynamic_sampling``."""
     disable_dropout: bool = True

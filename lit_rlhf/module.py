@@ -40,6 +40,7 @@ from lit_rlhf.configs import (
 from lit_rlhf.errors import ConfigError, TrainingError
 from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
+    POLICY_ADAPTER,
     PolicyConfig,
     SequenceClassifierReward,
     disable_dropout,
@@ -87,6 +88,7 @@ class Rollout:
     rewards: Tensor
     ref_logprobs: Optional[Tensor] = None  # kept for ppo.kl_in_loss
     loss_mask: Optional[Tensor] = None  # ``mask`` without the responses that contribute no loss
+    token_weights: Optional[Tensor] = None  # truncated importance weights of engine samples (rollout_correction)
 
     def samples(self) -> dict[str, list]:
         """Per-response rows for sample tables: prompt, completion, score, KL and total reward."""
@@ -154,6 +156,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         # checkpoints hold only the trained weights (see state_dict); which ones is checked on load
         self.strict_loading = False
         self.policy = None
+        self.engine = None  # the vLLM engine (generation.engine: vllm), made in configure_model
+        self.sampling_seconds = 0.0  # time in sample() during the current rollout (perf/generate_sec)
         # The separate reference and the reward model live outside the module tree: strategies (DDP, FSDP,
         # DeepSpeed) then neither broadcast, shard nor wrap them, and Lightning's train() leaves them in eval
         # mode. Each rank holds its own frozen copy on its device (quantize them to save memory).
@@ -216,6 +220,32 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             init_value_head_from_reward(self.policy.value_head, self.reward_model)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard the policy with FSDP2 over the mesh
             shard_policy(self.policy, self.device_mesh)
+        self.engine = self._make_engine(device) if self.sampling.engine == "vllm" else None
+        self._engine_iteration = -1  # the iteration whose weights the engine holds
+
+    def _make_engine(self, device: Optional[torch.device]) -> Any:
+        """The in-process vLLM engine of this rank, on the policy's base checkpoint."""
+        from lit_rlhf.engines import VLLMEngine, engine_context_length, kv_cache_bytes
+        from lit_rlhf.tiny import resolve_model_path
+
+        cfg, sampling = self.policy_config, self.sampling
+        device = device or torch.device("cpu")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", None)
+        prompt_length = getattr(data, "max_prompt_length", 512)
+        context = engine_context_length(self.policy.model.config, prompt_length, sampling.max_new_tokens)
+        cache_bytes = int(sampling.kv_cache_gb * 2**30) if sampling.kv_cache_gb is not None else None
+        if cache_bytes is None and device.type == "cpu":  # only what the largest batch needs, not a share of RAM
+            batch = getattr(data, "batch_size", None) or 64
+            rows = max(batch * sampling.num_generations,
+                       (getattr(data, "val_batch_size", None) or batch) * self.evaluation.num_samples)
+            cache_bytes = kv_cache_bytes(self.policy.model.config, rows, context, getattr(torch, cfg.dtype))
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        return VLLMEngine(
+            resolve_model_path(cfg.model_name_or_path), cfg.dtype, context, sampling.gpu_memory_utilization,
+            sampling.enable_sleep_mode, seed=rank, device=device, trust_remote_code=cfg.trust_remote_code,
+            kv_cache_bytes=cache_bytes,
+        )
 
     def _prepare(self) -> None:
         """What needs no model weights: tokenizer, stop tokens, reward function, and every check of the recipe
@@ -260,6 +290,13 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             raise ConfigError("ppo.dynamic_sampling drops groups of equal scores: set generation.num_generations >= 2")
         if self.policy_config.critic == "adapter" and self.device_mesh is not None:
             raise ConfigError("policy.critic=adapter is not supported with sharding (ModelParallelStrategy) yet")
+        if hp.rollout_correction == "tis" and self.sampling.engine != "vllm":
+            raise ConfigError("ppo.rollout_correction=tis corrects for an engine's sampling: it needs generation.engine: vllm")
+        if self.sampling.engine == "vllm":
+            from lit_rlhf.engines import check_engine_supports
+
+            strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
+            check_engine_supports(self.policy_config.quantization, strategy)
         if self.reference_config.model_name_or_path is not None and not self.uses_reference:
             warnings.warn(
                 "reference.model_name_or_path is set but ppo.kl_coef is 0 and ppo.kl_in_loss is false: the "
@@ -356,6 +393,7 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         configured estimator (GAE on KL-penalized rewards, or a critic-free one)."""
         ppo_cfg = self.ppo_config
         self.policy.eval()
+        self.sampling_seconds = 0.0  # sample() adds its time: the engine's share of the rollout
         samples = self.sample(batch)
         raw_scores, each_reward = self.score(samples)
         dynamic_stats: dict[str, float] = {}
@@ -372,6 +410,13 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         lengths = mask.sum(1).long()
         has_stop = self._ends_with_stop(responses, lengths)
         scores = self.shape_scores(raw_scores, has_stop, lengths)
+        engine_stats, token_weights = {}, None
+        if samples.engine_logprobs is not None:
+            engine_stats = self._engine_agreement(samples.engine_logprobs, out.logprobs, mask)
+            if ppo_cfg.rollout_correction == "tis":
+                token_weights = ppo_math.truncated_importance_weights(
+                    out.logprobs, samples.engine_logprobs, ppo_cfg.tis_cap) * mask
+            self.engine.sleep()  # its memory is the PPO passes' until the next rollout (GPU)
         kl = (ppo_math.kl_penalty(out.logprobs, ref_logprobs, ppo_cfg.kl_estimator) * mask
               if ref_logprobs is not None else torch.zeros_like(mask))
         advantages, returns, rewards = self.estimate_advantages(scores, kl, values, mask)
@@ -393,11 +438,23 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             "val/distinct_2": ppo_math.distinct_n([r[:n] for r, n in zip(responses.tolist(), lengths.tolist())]),
             **{f"reward/{name}": value.mean() for name, value in each_reward.items() if len(each_reward) > 1},
             **dynamic_stats,
+            **engine_stats,
+            "perf/generate_sec": self.sampling_seconds,
         }
         return Rollout(
             query_responses, attention_mask, context_length, mask, out.logprobs, values, advantages, returns,
-            stats, samples.prompts, samples.completions, scores, kl, rewards, ref_logprobs, loss_mask,
+            stats, samples.prompts, samples.completions, scores, kl, rewards, ref_logprobs, loss_mask, token_weights,
         )
+
+    def _engine_agreement(self, engine_logprobs: Tensor, logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """How far the engine's log-probs of the sampled tokens are from the trainer's, over all ranks: a stale
+        or missing weight sync shows here at once."""
+        difference = (engine_logprobs - logprobs).abs() * mask
+        total = self._all_reduce_sum(torch.stack([difference.sum(), mask.sum()]))
+        largest = difference.max()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            largest = self.trainer.strategy.reduce(largest.clone(), reduce_op="max")
+        return {"rollout/logprob_diff_mean": total[0] / total[1].clamp(min=1), "rollout/logprob_diff_max": largest}
 
     def sample(self, batch: dict[str, Any], sampling: Optional[SamplingConfig] = None) -> Samples:
         """``num_generations`` responses to each prompt of ``batch`` (consecutive rows form a group)."""
@@ -407,16 +464,42 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         if groups > 1:
             queries, query_mask = queries.repeat_interleave(groups, 0), query_mask.repeat_interleave(groups, 0)
         self._check_sequence_length(queries.shape[1])
-        responses = sample_responses(
-            self.policy, queries, query_mask, sampling, self.stop_token_ids, self.tokenizer.pad_token_id,
-            synced_gpus=self.parameters_are_sharded(),
-        )
+        engine_logprobs, start = None, time.perf_counter()
+        if self.engine is not None and sampling.temperature > 0:
+            responses, engine_logprobs = self._engine_sample(queries, query_mask, sampling)
+        else:
+            responses = sample_responses(
+                self.policy, queries, query_mask, sampling, self.stop_token_ids, self.tokenizer.pad_token_id,
+                synced_gpus=self.parameters_are_sharded(),
+            )
+        self.sampling_seconds += time.perf_counter() - start
         mask = response_mask(responses, self.stop_token_ids)
         lengths = mask.sum(1).long().tolist()
         completions = [self.tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses.tolist(), lengths)]
         repeat = lambda values: [v for v in values for _ in range(groups)]  # noqa: E731
         columns = {k: repeat(v) for k, v in (batch.get("columns") or {}).items()}
-        return Samples(queries, query_mask, responses, mask, repeat(batch["prompts"]), completions, columns)
+        return Samples(queries, query_mask, responses, mask, repeat(batch["prompts"]), completions, columns,
+                       engine_logprobs * mask if engine_logprobs is not None else None)
+
+    def _engine_sample(self, queries: Tensor, query_mask: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor]:
+        """Responses sampled by the vLLM engine, after giving it this iteration's weights (once per iteration).
+
+        Each response gets a seed drawn from torch's generator, whose state checkpoints keep: a resumed run
+        samples what the uninterrupted one would have.
+        """
+        from lit_rlhf.engines import left_unpadded, merged_policy_weights, pad_responses
+
+        if self._engine_iteration != self.iteration:
+            # the first sync loads every weight (a tied checkpoint's embedding may not have reached the engine);
+            # later ones only the blocks with adapted layers, the rest never changes
+            self.engine.sync(merged_policy_weights(self.policy.model, POLICY_ADAPTER, self.engine.version > 0))
+            self._engine_iteration = self.iteration
+        seeds = torch.randint(0, 2**31 - 1, (queries.shape[0],)).tolist()
+        tokens, logprobs = self.engine.generate(
+            left_unpadded(queries, query_mask), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+            sampling.top_p, self.stop_token_ids, seeds,
+        )
+        return pad_responses(tokens, logprobs, self.tokenizer.pad_token_id, queries.device)
 
     def score(self, samples: Samples) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total score of each response, and each reward source's own scores."""
@@ -633,10 +716,11 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             entropy_grad=hp.ent_coef != 0,  # otherwise only a statistic: no graph, no backward through it
         )
         mode, max_new_tokens = hp.loss_aggregation, self.sampling.max_new_tokens
+        weights = rollout.token_weights[index, :response_len] if rollout.token_weights is not None else None
         pg_loss, pg_stats = ppo_math.policy_loss(
             out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len],
             loss_mask, hp.clip_range, hp.clip_range_high, hp.importance_sampling_level == "sequence", mode,
-            max_new_tokens,
+            max_new_tokens, weights,
         )
         entropy = ppo_math.masked_mean(out.entropy, mask)
         loss = pg_loss

@@ -222,15 +222,16 @@ def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token_mean"
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
     clip_range_high: Optional[float] = None, sequence_level: bool = False,
-    aggregation: LossAggregation = "token_mean", max_new_tokens: int = 0,
+    aggregation: LossAggregation = "token_mean", max_new_tokens: int = 0, token_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped importance-ratio surrogate loss (to minimize), aggregated over the mask.
 
     The ratio is clipped to ``[1 - clip_range, 1 + clip_range_high]`` (DAPO's clip-higher when
     ``clip_range_high > clip_range``). With ``sequence_level`` (GSPO) every token of a response uses the
     response's ratio, the geometric mean of its token ratios, while each token keeps its own gradient path.
-    ``stats`` holds ``clipfrac`` (share of tokens where clipping binds), ``approx_kl``
-    (``0.5 * E[(log r)^2]``, token level) and ``ratio`` (mean importance ratio).
+    ``token_weights`` (no gradient) multiply each token's loss. ``stats`` holds ``clipfrac`` (share of tokens
+    where clipping binds), ``approx_kl`` (``0.5 * E[(log r)^2]``, token level) and ``ratio`` (mean importance
+    ratio).
     """
     high = clip_range if clip_range_high is None else clip_range_high
     token_log_ratio = logprobs - old_logprobs
@@ -241,7 +242,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
-    loss = aggregate(torch.max(unclipped, clipped), mask, aggregation, max_new_tokens)
+    per_token = torch.max(unclipped, clipped)
+    if token_weights is not None:  # e.g. truncated importance sampling of an engine's samples
+        per_token = per_token * token_weights
+    loss = aggregate(per_token, mask, aggregation, max_new_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -338,3 +342,9 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
     """Share of distinct n-grams among all n-grams of ``sequences`` (1: all different; near 0: collapse)."""
     grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def truncated_importance_weights(trainer_logprobs: Tensor, engine_logprobs: Tensor, cap: float) -> Tensor:
+    """``min(pi_trainer / pi_engine, cap)`` per sampled token: corrects for sampling with an engine whose
+    probabilities differ from the trainer's (truncated importance sampling)."""
+    return torch.exp(trainer_logprobs - engine_logprobs).clamp(max=cap)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,16 @@ class SamplingConfig:
     """Longest response, in tokens; generation stops earlier once every response hit the stop token."""
     num_generations: int = 1
     """Responses sampled per prompt (a group): the rollout holds ``data.batch_size x num_generations``."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Who samples the rollouts: Hugging Face ``generate`` (``hf``), or an in-process vLLM engine fed the
+    policy's current weights before each rollout (``vllm``; its sync is checked by ``rollout/logprob_diff_*``)."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM: share of the GPU's memory (on a CPU: of the host's) the engine may take for weights and KV cache."""
+    kv_cache_gb: Optional[float] = None
+    """vLLM: the engine's KV cache in GiB. None: on a GPU what ``gpu_memory_utilization`` leaves after the
+    weights; on a CPU what the largest rollout or evaluation batch needs (sized from the model's config)."""
+    enable_sleep_mode: bool = True
+    """vLLM on GPU: free the engine's memory during the PPO passes, reload it for the next rollout."""
     temperature: float = 0.7
     """Sampling temperature; log-probs are computed from ``logits / temperature`` as well (0: greedy, for
     evaluation only)."""
@@ -187,6 +197,7 @@ class Samples:
     prompts: list[str]
     completions: list[str]
     columns: dict[str, list]
+    engine_logprobs: Optional[Tensor] = None  # the sampling engine's log-probs of the sampled tokens (vLLM)
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -197,6 +208,7 @@ class Samples:
             self.queries[index], self.query_mask[index], self.responses[index], self.mask[index],
             [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
             {k: [v[i] for i in rows] for k, v in self.columns.items()},
+            self.engine_logprobs[index] if self.engine_logprobs is not None else None,
         )
 
     @staticmethod
@@ -218,4 +230,6 @@ class Samples:
             torch.cat([pad(p.mask, length, 0.0, False) for p in parts]),
             [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
             {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns},
+            torch.cat([pad(p.engine_logprobs, length, 0.0, False) for p in parts])
+            if parts[0].engine_logprobs is not None else None,
         )

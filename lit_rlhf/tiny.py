@@ -44,29 +44,30 @@ NEUTRAL_WORDS = (
     "end start middle side top bottom front back inside outside"
 ).split()
 # Tiny backbones per architecture: small enough that a PPO step takes milliseconds on a CPU.
-_TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 # One per family of the default LoRA target table (models.DEFAULT_LORA_TARGETS). Gemma 2/3 and Granite get
-# strong logit transforms (soft-capping, scaling), so tests notice log-probs that would skip them.
+# strong logit transforms (soft-capping, scaling), so tests notice log-probs that would skip them. Heads are
+# 32 wide, the smallest vLLM's CPU attention takes (generation.engine: vllm runs the built-in models too).
 _ARCH_OVERRIDES = {
-    "llama": dict(num_key_value_heads=2),
-    "qwen2": dict(num_key_value_heads=2),
-    "qwen3": dict(num_key_value_heads=2, head_dim=16),
-    "mistral": dict(num_key_value_heads=2, sliding_window=None),
-    "mixtral": dict(num_key_value_heads=2, sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
-    "gemma": dict(num_key_value_heads=2, head_dim=16),
-    "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0),
-    "gemma3_text": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0),
-    "olmo2": dict(num_key_value_heads=2),
-    "granite": dict(num_key_value_heads=2, logits_scaling=4.0),
-    "phi3": dict(num_key_value_heads=2),
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256),
+    "llama": dict(num_key_value_heads=1),
+    "qwen2": dict(num_key_value_heads=1),
+    "qwen3": dict(num_key_value_heads=1, head_dim=32),
+    "mistral": dict(num_key_value_heads=1, sliding_window=None),
+    "mixtral": dict(num_key_value_heads=1, sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
+    "gemma": dict(num_key_value_heads=1, head_dim=32),
+    "gemma2": dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, final_logit_softcapping=3.0),
+    "gemma3_text": dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, final_logit_softcapping=3.0),
+    "olmo2": dict(num_key_value_heads=1),
+    "granite": dict(num_key_value_heads=1, logits_scaling=4.0),
+    "phi3": dict(num_key_value_heads=1),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=2, n_inner=128, n_positions=256),
     "gpt_neox": dict(),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
     "falcon": dict(),
 }
 # A larger init than the usual 0.02 gives peaked, LM-like next-token distributions that LoRA can reshape.
 INIT_STD = 0.2
-_BUILD_VERSION = "v2"  # bump when the builder changes, so stale cached checkpoints are rebuilt
+_BUILD_VERSION = "v3"  # bump when the builder changes, so stale cached checkpoints are rebuilt
 
 
 def vocabulary() -> list[str]:

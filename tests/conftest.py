@@ -1,5 +1,6 @@
 """Shared fixtures: everything offline, tiny checkpoints built into temporary folders."""
 
+import importlib.util
 import os
 import warnings
 
@@ -13,6 +14,9 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART_PROMPTS = os.path.join(REPO_ROOT, "recipes", "data", "sentiment_prompts.jsonl")
+# vLLM tests run where vLLM is installed; CI (LIT_RLHF_REQUIRE_VLLM=1) installs it and fails without it
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+RUN_VLLM = HAS_VLLM or os.environ.get("LIT_RLHF_REQUIRE_VLLM") == "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,7 @@ from lit_rlhf.models import PolicyConfig, load_policy, quantization_kwargs
 from lit_rlhf.module import PPOConfig, ReferenceConfig, RewardConfig
 from lit_rlhf.ppo import RunningMoments
 from lit_rlhf.tiny import build_word_tokenizer, resolve_model_path, save_tiny_checkpoint
-from conftest import QUICKSTART_PROMPTS, REPO_ROOT
+from conftest import QUICKSTART_PROMPTS, REPO_ROOT, RUN_VLLM
 from test_cli import run_cli
 from test_module import Recorder, fit, make_data, make_module
 
@@ -246,6 +246,8 @@ def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
                         "--model.reward.overlong_buffer=2"]
     else:
         substitutes += ["--model.reward.model_name_or_path=builtin:tiny-llama-classifier", f"--data.path={QUICKSTART_PROMPTS}"]
+    if not RUN_VLLM:
+        substitutes.append("--model.generation.engine=hf")  # the recipe as shipped samples with vLLM when it can
     result = run_cli(
         "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu", *substitutes,
         cwd=tmp_path,
