@@ -27,7 +27,8 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python \
 COPY docker/requirements.txt /tmp/requirements.txt
 RUN uv venv --python 3.11 /opt/venv \
     && uv pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION" \
-    && uv pip install -r /tmp/requirements.txt
+    && uv pip install -r /tmp/requirements.txt \
+    && uv pip uninstall torchaudio torchcodec
 
 WORKDIR /opt/lit-rlhf
 COPY pyproject.toml README.md ./

@@ -78,7 +78,9 @@ def test_no_reference_at_all_without_kl(tmp_path, monkeypatch):
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
 def test_reinforce_pp_whitens_returns_over_the_batch(estimator):
     L.seed_everything(0)
-    module = grpo_module(ppo=PPOConfig(advantage_estimator=estimator, kl_coef=0.05, num_minibatches=2))
+    # completion length in characters: scores that differ within each group, whatever the policy writes
+    module = grpo_module(ppo=PPOConfig(advantage_estimator=estimator, kl_coef=0.05, num_minibatches=2),
+                         reward="reward_fns:characters")
     rolled = rollout(module)
     from lit_rlhf.ppo import masked_mean, masked_var
 

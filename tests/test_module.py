@@ -88,7 +88,7 @@ def test_mean_reward_rises_on_a_learnable_reward(tiny_llama, tmp_path):
     module = PPOModule(
         policy=PolicyConfig(tiny_llama, lora_r=16, lora_alpha=32), reward=RewardConfig(function=SENTIMENT),
         generation=SamplingConfig(max_new_tokens=12, temperature=1.0, stop_tokens=[]),
-        ppo=PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=0.02, target_kl=0.05),
+        ppo=PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=0.025, target_kl=0.05),
         optimizer=OptimizerConfig(lr=3e-3, scheduler="linear"),
     )
     recorder = Recorder()
@@ -101,7 +101,7 @@ def test_mean_reward_rises_on_a_learnable_reward(tiny_llama, tmp_path):
         values = history[name][:10] if part == "first" else history[name][-10:]
         return sum(values) / len(values)
 
-    # seeds 0-2 go from ~0.02 to ~0.3 (noise of a 10-iteration mean: ~0.02)
+    # seeds 0-5 go from ~0.02 to 0.24-0.35 (noise of a 10-iteration mean: ~0.02)
     assert mean("objective/scores", "last") > mean("objective/scores", "first") + 0.15
     assert mean("val/distinct_2", "last") > 0.75  # no collapse onto one completion
     assert 10 < mean("objective/kl", "last") < 30

