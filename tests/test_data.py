@@ -31,6 +31,25 @@ def test_other_file_formats(tiny_llama, tmp_path, suffix):
     assert sorted(e["prompt"] for e in dm.examples) == ["it was", "the movie was"]
 
 
+def test_jsonl_rows_become_columns_without_importing_datasets(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "the movie was", "answer": "good"}, {"prompt": "it was"}, {"prompt": "my day", "id": 3}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    script = (
+        "import sys; from lit_rlhf.data import load_table; "
+        f"print(load_table({str(path)!r}, 'train')); print('datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    # a key missing from a row is None there (a missing prompt is then refused with its row, as for other formats)
+    assert out[0] == str({"prompt": ["the movie was", "it was", "my day"], "answer": ["good", None, None],
+                          "id": [None, None, 3]})
+    assert out[1] == "False"  # the datasets import alone is ~80 MB of resident memory
+
+
 def test_saved_dataset_folder_and_chat_template(tiny_llama, tmp_path):
     import datasets
 
