@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lit_rlhf.errors import ConfigError
 
@@ -135,7 +135,8 @@ class PairsDataModule(L.LightningDataModule):
     """What the SFT and preference data modules share: the tokenizer, training and held-out pairs, checks.
 
     Subclasses save their own hyper-parameters (``batch_size``, ``max_length``, ``path``, ``split``,
-    ``val_path``, ``val_split``, ``tokenizer``, ``trust_remote_code``) and read rows in ``_pairs``.
+    ``val_path``, ``val_split``, ``seed``, ``num_workers``, ``tokenizer``, ``trust_remote_code``), read rows
+    in ``_pairs`` and batch them in ``collate``.
     """
 
     def _check_sizes(self) -> None:
@@ -163,5 +164,26 @@ class PairsDataModule(L.LightningDataModule):
     def _pairs(self, tokenizer: Any, path: str, split: str) -> list:
         raise NotImplementedError
 
-    def _ranks(self) -> tuple[int, int]:
-        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+    def collate(self, pairs: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _length(self, pair: Any) -> int:
+        """Tokens of a pair, for grouping pairs of similar length into batches."""
+        return len(pair)
+
+    def _window_batches(self, shuffle: bool) -> int:
+        """Batches per window sorted by length (1: no grouping)."""
+        return 50
+
+    def _loader(self, pairs: list, shuffle: bool) -> DataLoader:
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = LengthGroupedSampler([self._length(p) for p in pairs], self.hparams.batch_size, self.hparams.seed,
+                                       window_batches=self._window_batches(shuffle), num_replicas=world_size,
+                                       rank=rank, shuffle=shuffle)
+        return DataLoader(pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_pairs, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.val_pairs, shuffle=False)] if self.val_pairs else []

@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from lit_rlhf.configs import OptimizerConfig
 from lit_rlhf.data import load_table, require_column
@@ -34,9 +33,9 @@ from lit_rlhf.models import (
 )
 from lit_rlhf.pairs import (
     Encoded,
-    LengthGroupedSampler,
     PairsDataModule,
     encode,
+    fit_length,
     right_pad,
     split_messages,
 )
@@ -138,13 +137,11 @@ class PreferenceDataModule(PairsDataModule):
                 same += 1
                 continue
             encoded = [encode(tokenizer, prompt, text, chat or hp.apply_chat_template) for text in (good, bad)]
-            if max(len(e) for e in encoded) > hp.max_length:
-                overlong += 1
-                if hp.overlong == "drop" or len(encoded[0].prompt_ids) >= hp.max_length:
-                    continue
-                room = hp.max_length - len(encoded[0].prompt_ids)
-                encoded = [Encoded(e.prompt_ids, e.completion_ids[:room]) for e in encoded]
-            pairs.append((encoded[0], encoded[1], float(margins[index]) if margins else 0.0))
+            fitted = [fit_length(e, hp.max_length, hp.overlong) for e in encoded]
+            overlong += any(f is not e for f, e in zip(fitted, encoded))
+            if None in fitted:
+                continue
+            pairs.append((fitted[0], fitted[1], float(margins[index]) if margins else 0.0))
         if same or empty or overlong:
             rank_zero_warn(
                 f"data.path={path!r}: dropped {same} pairs whose chosen and rejected completions are the same and "
@@ -160,17 +157,8 @@ class PreferenceDataModule(PairsDataModule):
         ids, mask = right_pad([p[0].ids for p in pairs] + [p[1].ids for p in pairs], self.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor([p[2] for p in pairs])}
 
-    def _loader(self, pairs: list, shuffle: bool) -> DataLoader:
-        world_size, rank = self._ranks()
-        sampler = LengthGroupedSampler([max(len(p[0]), len(p[1])) for p in pairs], self.hparams.batch_size,
-                                       self.hparams.seed, num_replicas=world_size, rank=rank, shuffle=shuffle)
-        return DataLoader(pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_pairs, shuffle=True)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.val_pairs, shuffle=False)] if self.val_pairs else []
+    def _length(self, pair: tuple[Encoded, Encoded, float]) -> int:
+        return max(len(pair[0]), len(pair[1]))
 
 
 class RewardModelModule(AdapterStage):

@@ -13,7 +13,6 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lit_rlhf.configs import OptimizerConfig
 from lit_rlhf.data import load_table, require_column
@@ -27,7 +26,6 @@ from lit_rlhf.models import (
     next_token_logprobs,
 )
 from lit_rlhf.pairs import (
-    LengthGroupedSampler,
     PairsDataModule,
     encode,
     fit_length,
@@ -118,21 +116,8 @@ class SFTDataModule(PairsDataModule):
             completion[row, len(pair.prompt_ids) : len(pair)] = 1
         return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
 
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        world_size, rank = self._ranks()
-        sampler = LengthGroupedSampler([len(p) for p in self.train_pairs], hp.batch_size, hp.seed,
-                                       num_replicas=world_size, rank=rank,
-                                       window_batches=50 if hp.group_by_length else 1)
-        return DataLoader(self.train_pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=hp.num_workers)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        if not self.val_pairs:
-            return []
-        world_size, rank = self._ranks()
-        sampler = LengthGroupedSampler([len(p) for p in self.val_pairs], self.hparams.batch_size, shuffle=False,
-                                       num_replicas=world_size, rank=rank)
-        return DataLoader(self.val_pairs, batch_sampler=sampler, collate_fn=self.collate)
+    def _window_batches(self, shuffle: bool) -> int:
+        return 50 if self.hparams.group_by_length or not shuffle else 1
 
 
 class SFTModule(AdapterStage):
