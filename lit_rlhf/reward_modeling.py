@@ -25,8 +25,6 @@ from lit_rlhf.models import (
     ModelConfig,
     Quantization,
     _load_pretrained,
-    add_lora,
-    enable_gradient_checkpointing,
     load_tokenizer,
     quantization_kwargs,
     sequence_scores,
@@ -169,6 +167,7 @@ class RewardModelModule(AdapterStage):
     export_name = "reward_model"
     sequence_classification = True
     export_use = "model.reward.model_name_or_path"
+    config_field = "model.backbone"
 
     def __init__(
         self,
@@ -189,28 +188,16 @@ class RewardModelModule(AdapterStage):
             export_dir: Where to write the merged reward model (default: ``reward_model/`` in the run's folder).
         """
         super().__init__()
-        if full_finetune and backbone.quantization is not None:
-            raise ConfigError("model.full_finetune cannot train quantized weights: set model.backbone.quantization: null")
+        self._check_full_finetune(backbone, full_finetune)
         self.save_hyperparameters()
         self.config, self.full_finetune, self.center_coef = backbone, full_finetune, center_coef
         self.optimizer_config, self.export_dir = optimizer, export_dir
         self.model = None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def load_base(self, device: Any) -> Any:
         cfg = self.config
-        device = self._trainer.strategy.root_device if self._trainer is not None else None
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-        base = load_sequence_classifier(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, cfg.quantization,
+        return load_sequence_classifier(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, cfg.quantization,
                                         device)
-        if self.full_finetune:
-            base.requires_grad_(True)
-            self.model = base
-        else:  # peft trains the classifier head ("score"/"classifier") in full for SEQ_CLS
-            self.model, _ = add_lora(base, cfg, task_type="SEQ_CLS", field="model.backbone")
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(base)
 
     def pair_scores(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])

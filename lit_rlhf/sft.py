@@ -19,10 +19,7 @@ from lit_rlhf.data import load_table, require_column
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import (
     ModelConfig,
-    add_lora,
-    enable_gradient_checkpointing,
     load_causal_lm,
-    load_tokenizer,
     next_token_logprobs,
 )
 from lit_rlhf.pairs import (
@@ -143,29 +140,17 @@ class SFTModule(AdapterStage):
             export_dir: Where to write the merged model at the end (default: ``model/`` in the run's folder).
         """
         super().__init__()
-        if full_finetune and policy.quantization is not None:
-            raise ConfigError("model.full_finetune cannot train quantized weights: set model.policy.quantization: null")
+        self._check_full_finetune(policy, full_finetune)
         self.save_hyperparameters()
         self.config, self.full_finetune, self.loss_on = policy, full_finetune, loss_on
         self.optimizer_config, self.export_dir = optimizer, export_dir
         self.model = None
         self._val_sums: Optional[Tensor] = None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def load_base(self, device: Any) -> Any:
         cfg = self.config
-        device = self._trainer.strategy.root_device if self._trainer is not None else None
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-        base = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, "policy.model_name_or_path",
+        return load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, "policy.model_name_or_path",
                               cfg.quantization, device)
-        if self.full_finetune:
-            base.requires_grad_(True)
-            self.model = base
-        else:
-            self.model, _ = add_lora(base, cfg)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(base)
 
     def completion_nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed negative log-likelihood of the learnt tokens, and how many there are."""

@@ -10,6 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.checkpoints import TrainedWeightsOnly
 from lit_rlhf.configs import optimizer_and_schedule
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import add_lora, enable_gradient_checkpointing, load_tokenizer
 
 
 class AdapterStage(TrainedWeightsOnly, L.LightningModule):
@@ -22,6 +24,33 @@ class AdapterStage(TrainedWeightsOnly, L.LightningModule):
     export_name = "model"  # the merged model's folder in the run's folder (unless export_dir)
     sequence_classification = False
     export_use = "model.policy.model_name_or_path"
+    config_field = "model.policy"  # the recipe field of ``self.config``, named in errors
+
+    def _check_full_finetune(self, config: Any, full_finetune: bool) -> None:
+        if full_finetune and config.quantization is not None:
+            raise ConfigError(
+                f"model.full_finetune cannot train quantized weights: set {self.config_field}.quantization: null")
+
+    def load_base(self, device: Any) -> Any:
+        """The frozen base model of ``self.config`` on ``device``."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Load the tokenizer and the base, then add the LoRA adapter (or train every weight)."""
+        if self.model is not None:
+            return
+        cfg = self.config
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        base = self.load_base(device)
+        if self.full_finetune:
+            base.requires_grad_(True)
+            self.model = base
+        else:  # for SEQ_CLS peft trains the classifier head ("score"/"classifier") in full
+            task_type = "SEQ_CLS" if self.sequence_classification else "CAUSAL_LM"
+            self.model, _ = add_lora(base, cfg, task_type=task_type, field=self.config_field)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
