@@ -177,9 +177,8 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 def group_baseline(scores: Tensor, group_size: int) -> Tensor:
-    """Each score minus its group's mean (REINFORCE++ with baseline)."""
-    groups = _groups(scores, group_size)
-    return (groups - groups.mean(1, keepdim=True)).flatten()
+    """Each score minus its group's mean (REINFORCE++ with baseline): GRPO's centering, unscaled."""
+    return grpo_advantages(scores, group_size, scale="none")
 
 
 def sequence_to_tokens(values: Tensor, mask: Tensor) -> Tensor:
