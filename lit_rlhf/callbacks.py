@@ -76,6 +76,8 @@ class PreemptionCheckpoint(L.Callback):
     once): the stop happens at the next hook, after Lightning has logged the iteration's metrics.
     """
 
+    interrupted = False  # a Ctrl-C stopped a run of this process (``lit-rlhf fit`` then exits 130)
+
     def __init__(self) -> None:
         self.requested = False
         self.saved: Optional[Path] = None
@@ -109,6 +111,7 @@ class PreemptionCheckpoint(L.Callback):
         if self.requested and self.saved is not None:
             for logger in trainer.loggers:
                 logger.save()
+            PreemptionCheckpoint.interrupted = True
             raise KeyboardInterrupt  # Lightning's graceful shutdown
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -139,15 +142,18 @@ class PreemptionCheckpoint(L.Callback):
 
 class RunConfig(SaveConfigCallback):
     """Writes the resolved recipe as ``config.yaml`` into the run's own folder (:func:`lit_rlhf.runs.run_directory`),
-    for every logger (W&B included), and again when the run resumes."""
+    for every logger (W&B included), and again when the run resumes. A run that fails before its first step and
+    made its folder takes the folder away again (the next run gets its number, not ``version_1``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
+        self._folder: Optional[Path] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         directory = run_directory(trainer)  # a collective: every rank
         if trainer.is_global_zero:
+            self._folder = directory
             directory.mkdir(parents=True, exist_ok=True)
             self.parser.save(
                 self.config, str(directory / self.config_filename), skip_none=False, overwrite=True,
@@ -157,9 +163,22 @@ class RunConfig(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Unused: ``setup`` writes the file."""
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A new run that failed before its first optimizer step leaves no folder behind (it holds only the
+        recipe): the next run takes its number, and "the newest run" stays one that trained."""
+        folder = self._folder
+        if folder is None or trainer.global_step > 0 or trainer.ckpt_path is not None or not folder.is_dir():
+            return
+        if any(path.suffix == ".ckpt" for path in folder.rglob("*")):
+            return
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 class SampleTable(L.Callback):
-    """Every ``every_n_steps`` iterations, log a table of prompt, completion, score, KL and reward.
+    """Every ``every_n_steps`` iterations, log a table of prompt, completion, score, KL and reward: ``max_rows``
+    rows spread over the rollout (with several completions per prompt, from different prompts).
 
     To W&B as a ``wandb.Table`` (key ``samples``) when a ``WandbLogger`` is attached, and always to
     ``samples.jsonl`` in the run's folder (one JSON object per row, with the iteration) for other loggers.
@@ -180,7 +199,10 @@ class SampleTable(L.Callback):
         if not trainer.is_global_zero:
             return
         columns = list(samples)
-        rows = [[samples[c][i] for c in columns] for i in range(min(self.max_rows, len(samples[columns[0]])))]
+        count = len(samples[columns[0]])
+        # rows spread over the batch: one per group of a prompt's completions (GRPO), not one group's all
+        picked = range(0, count, max(count // self.max_rows, 1))[: self.max_rows]
+        rows = [[samples[c][i] for c in columns] for i in picked]
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "samples.jsonl", "a") as file:
             for row in rows:

@@ -77,14 +77,15 @@ def _export(argv: list[str]) -> None:
 
 def _fit(argv: list[str]) -> None:
     import torch
-    from jsonargparse import set_parsing_settings
+    from jsonargparse import ArgumentError, set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lit_rlhf.callbacks import RunConfig
     from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.errors import ConfigError
     from lit_rlhf.module import PPOModule
-    from lit_rlhf.runs import prepare_fit_config
+    from lit_rlhf.runs import prepare_fit_config, recipe_error
 
     if not torch.cuda.is_available():
         # DeepSpeed (imported when a recipe names its strategy) would print a warning to stdout on machines
@@ -105,10 +106,27 @@ def _fit(argv: list[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(f"model.{prefix}{source}.model_name_or_path", f"data.{prefix}tokenizer")
             parser.link_arguments(f"model.{prefix}{source}.trust_remote_code", f"data.{prefix}trust_remote_code")
+            parser.add_argument(
+                "--cpu_threads", type=Optional[int], default=None,
+                help="Threads of each training process on CPU (None: the cores this process may use, divided by "
+                     "the processes per machine; OMP_NUM_THREADS, when set, decides instead)",
+            )
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+        def parse_arguments(self, parser, args) -> None:
+            """Parse; a misspelled or mistyped field is one line naming it (and the field meant, if close)."""
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise ConfigError(recipe_error(str(err), parser)) from None
+
+        def _parse_ckpt_path(self) -> None:
+            """Keep the recipe of the command line. (Lightning would replace its ``model`` section by the
+            checkpoint's hyper-parameters: ``--ckpt_path`` of another recipe would silently train that one, and
+            changed settings would be dropped.) The module refuses a checkpoint of another recipe when it loads."""
 
         def before_instantiate_classes(self) -> None:
             prepare_fit_config(self.config[self.subcommand])
@@ -117,12 +135,19 @@ def _fit(argv: list[str]) -> None:
         StageCLI(
             model_class, data_class, args=argv, seed_everything_default=0,
             auto_configure_optimizers=False, save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "lit-rlhf"}, subclass_mode_model=stage is not None,
-            subclass_mode_data=stage is not None,
+            parser_kwargs={"prog": "lit-rlhf", "exit_on_error": False, "fit": {"exit_on_error": False}},
+            subclass_mode_model=stage is not None, subclass_mode_data=stage is not None,
         )
     except SIGTERMException:
         print("Stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except SystemExit as exit_:
+        from lit_rlhf.callbacks import PreemptionCheckpoint
+
+        if exit_.code == 1 and PreemptionCheckpoint.interrupted:  # Lightning exits 1 after a graceful Ctrl-C
+            print("Stopped by Ctrl-C after saving a checkpoint; resume with --ckpt_path last", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
+        raise
 
 
 def _stage_class(argv: list[str]) -> Optional[type]:

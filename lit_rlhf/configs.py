@@ -186,6 +186,8 @@ class EvaluationConfig:
     """Longest evaluation completion (None: ``generation.max_new_tokens``)."""
     pass_threshold: float = 1.0
     """A completion passes when its total score is at least this (1 for 0/1 verifiable rewards)."""
+    before_training: bool = False
+    """Also evaluate once before the first update (logged at step 0): where the policy started."""
 
 
 @dataclass
@@ -204,6 +206,20 @@ class OptimizerConfig:
     """Decay of the learning rate to 0 over the run (per optimizer step)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
+
+    def check(self, field: str = "model.optimizer") -> None:
+        """Refuse settings AdamW cannot use, naming the field (before any weight loads)."""
+        problems = [
+            (self.lr <= 0, f"{field}.lr={self.lr} must be positive (e.g. 1e-5 for a full model, 1e-4 to 3e-3 for LoRA)"),
+            (self.weight_decay < 0, f"{field}.weight_decay={self.weight_decay} must be 0 or more"),
+            (self.eps <= 0, f"{field}.eps={self.eps} must be positive (e.g. 1e-5)"),
+            (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas),
+             f"{field}.betas={list(self.betas)} must be two numbers in [0, 1) (e.g. [0.9, 0.999])"),
+            (self.warmup_steps < 0, f"{field}.warmup_steps={self.warmup_steps} must be 0 or more"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
 
 
 def optimizer_and_schedule(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: int) -> dict[str, Any]:
@@ -225,3 +241,18 @@ def optimizer_and_schedule(params: Iterable[torch.nn.Parameter], cfg: OptimizerC
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: OptimizerConfig) -> None:
+    """Make an optimizer and schedule (restored from a checkpoint) follow ``cfg``, the recipe that runs now: its
+    peak learning rate, betas, eps and weight decay, and the learning rate its schedule gives the current step.
+
+    A fresh run is unchanged. A resumed one continues its step count, optimizer moments and schedule position,
+    with the settings and schedule (``optimizer_and_schedule`` built it for the run's current length) of now.
+    """
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -147,7 +147,7 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_items, generator=generator).tolist()
+            order = torch.randperm(self.num_items, generator=generator, device="cpu").tolist()
         else:
             order = list(range(self.num_items))
         shard = order[self.rank : self.num_samples * self.num_replicas : self.num_replicas]
@@ -158,8 +158,24 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples  # the whole epoch, as Lightning counts it, also when resuming mid-epoch
 
 
+def data_position(trainer: Optional[L.Trainer]) -> dict[str, int]:
+    """Where training is in the data, for a data module's ``state_dict``: the epoch and how many of its batches
+    have been consumed (this rank's), so a resumed run continues with the next unused batch."""
+    if trainer is None:
+        return {}
+    epoch = trainer.fit_loop.epoch_progress.current.started - 1  # the epoch in progress or just ended
+    consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if consumed >= trainer.num_training_batches:  # epoch done: the next one starts from its beginning
+        return {"epoch": epoch + 1, "batches_consumed": 0}
+    return {"epoch": epoch, "batches_consumed": consumed}
+
+
 class PromptDataModule(L.LightningDataModule):
     """Batches of tokenized, left-padded prompts; one batch is one PPO iteration's rollout."""
+
+    # what decides which prompts a resumed run sees next and how they are encoded: a resume refuses changes
+    FIELDS_THAT_MUST_MATCH = ("path", "prompt_field", "split", "batch_size", "max_prompt_length", "truncate_prompts",
+                              "apply_chat_template", "shuffle", "seed")
 
     def __init__(
         self,
@@ -216,7 +232,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer is None:
             raise ConfigError("data.tokenizer is not set: give the policy's model_name_or_path")
-        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
+        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code, "data.tokenizer (the model's model_name_or_path)")
         self.pad_token_id = tokenizer.pad_token_id
         self.examples = self._examples(tokenizer, hp.path)
         if len(self.examples) < hp.batch_size:
@@ -290,7 +306,7 @@ class PromptDataModule(L.LightningDataModule):
         """``count`` training prompts drawn at random by a generator seeded with ``seed`` (dynamic sampling's
         replacements: the same seed draws the same prompts, also in a resumed run)."""
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + seed)
-        rows = torch.randint(len(self.examples), (count,), generator=generator).tolist()
+        rows = torch.randint(len(self.examples), (count,), generator=generator, device="cpu").tolist()
         return self.collate([self.examples[i] for i in rows])
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -323,14 +339,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """The data position: the epoch and how many of its batches training has consumed."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        epoch_loop = trainer.fit_loop.epoch_loop
-        consumed = epoch_loop.batch_progress.current.processed  # finished PPO iterations of this epoch (per rank)
-        if consumed >= trainer.num_training_batches:  # epoch done: the next one starts from its beginning
-            return {"epoch": trainer.current_epoch + 1, "batches_consumed": 0}
-        return {"epoch": trainer.current_epoch, "batches_consumed": consumed}
+        return data_position(self.trainer)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:

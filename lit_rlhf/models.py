@@ -81,14 +81,16 @@ class PolicyConfig(ModelConfig):
     critic without a second copy of the base weights."""
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> "transformers.PreTrainedTokenizerBase":
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, field: str = "model_name_or_path"
+) -> "transformers.PreTrainedTokenizerBase":
     """Load a tokenizer for left-padded generation, falling back to EOS as pad token (with a warning)."""
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, field)
     # Built-in checkpoints carry a word-level tokenizer; AutoTokenizer would swap in the architecture's own
     # class for some model types (qwen2), so load it with the class it was saved with.
     from transformers import AutoTokenizer
 
-    loader = PreTrainedTokenizerFast if name_or_path.startswith(BUILTIN_PREFIX) else AutoTokenizer
+    loader = PreTrainedTokenizerFast if name_or_path.startswith(f"{BUILTIN_PREFIX}tiny-") else AutoTokenizer
     try:
         tokenizer = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -139,7 +141,7 @@ def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> 
 
 
 def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> "transformers.PreTrainedModel":
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, field_name)
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -419,6 +421,7 @@ class ResponseOutput(NamedTuple):
     logprobs: Tensor
     values: Optional[Tensor]
     entropy: Optional[Tensor]
+    filtered_logprobs: Optional[Tensor] = None  # under top-k / top-p filtering, when asked for (no gradient)
 
 
 def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
@@ -430,6 +433,26 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     ).last_hidden_state[:, context_length - 1 : -1]
 
 
+@torch.no_grad()
+def filtered_head_logprobs(
+    hidden: Tensor, lm_head: nn.Module, tokens: Tensor, temperature: float, top_k: int, top_p: float,
+    transform: LogitTransform = IDENTITY,
+) -> Tensor:
+    """Log-probs of ``tokens`` under the distribution sampling draws from with top-k / top-p: the renormalized
+    ``logits / temperature`` of the kept tokens (what vLLM reports as ``processed_logprobs``), in row chunks.
+    A token outside the kept set gets a log-prob of -1e4 rather than -inf."""
+    from lit_rlhf.rollout import filtered_logits
+
+    linear = type(lm_head) is nn.Linear
+    vocab = lm_head.weight.shape[0] if linear else lm_head(hidden[:1, :1]).shape[-1]
+    rows, values = _rows_per_chunk(hidden.shape[1] * vocab), []
+    for h, t in zip(hidden.split(rows), tokens.split(rows)):
+        raw = _head_logits(h, lm_head.weight, lm_head.bias, transform) if linear else transform.apply(lm_head(h).float())
+        logprobs = filtered_logits(raw, temperature, top_k, top_p).log_softmax(-1)
+        values.append(logprobs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp(min=-1e4))
+    return torch.cat(values)
+
+
 def response_forward(
     model: nn.Module,
     input_ids: Tensor,
@@ -439,22 +462,25 @@ def response_forward(
     value_head: Optional[nn.Module] = None,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    sampling_filter: Optional[tuple[int, float]] = None,
 ) -> ResponseOutput:
     """Log-probs (of ``logits / temperature``), values and entropy of the tokens after the prompt.
 
     The LM head runs on the response positions only, and the value head on the same hidden states. The
-    entropy (a full pass over the vocabulary) is computed without a graph unless ``entropy_grad``.
+    entropy (a full pass over the vocabulary) is computed without a graph unless ``entropy_grad``. With
+    ``sampling_filter`` ``(top_k, top_p)`` the log-probs under that filtering come along too (no gradient).
     """
     _, lm_head = backbone_and_head(model)
     hidden = response_hidden(model, input_ids, attention_mask, context_length)
-    logprobs, entropy = head_logprobs(
-        hidden, lm_head, input_ids[:, context_length:], temperature, with_entropy, entropy_grad,
-        LogitTransform.of(model.config),
-    )
+    tokens, transform = input_ids[:, context_length:], LogitTransform.of(model.config)
+    logprobs, entropy = head_logprobs(hidden, lm_head, tokens, temperature, with_entropy, entropy_grad, transform)
     values = None
     if value_head is not None:
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    return ResponseOutput(logprobs, values, entropy)
+    filtered = None
+    if sampling_filter is not None:
+        filtered = filtered_head_logprobs(hidden, lm_head, tokens, temperature, *sampling_filter, transform)
+    return ResponseOutput(logprobs, values, entropy, filtered)
 
 
 POLICY_ADAPTER, CRITIC_ADAPTER = "default", "critic"
@@ -477,13 +503,14 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
-        with_entropy: bool = False, entropy_grad: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False, sampling_filter: Optional[tuple[int, float]] = None,
     ) -> ResponseOutput:
-        """Log-probs, values (None without a value head) and entropy of the response tokens."""
+        """Log-probs, values (None without a value head) and entropy of the response tokens (and their log-probs
+        under ``sampling_filter``'s top-k / top-p, see :func:`response_forward`)."""
         shared_head = self.value_head if not self.critic_adapter else None
         out = response_forward(
             self.model, input_ids, attention_mask, context_length, temperature, shared_head, with_entropy,
-            entropy_grad,
+            entropy_grad, sampling_filter,
         )
         if self.critic_adapter:
             with self._adapter(CRITIC_ADAPTER):
@@ -604,9 +631,14 @@ def add_lora(base: nn.Module, config: ModelConfig, task_type: str = "CAUSAL_LM",
         modules_to_save=modules_to_save,
     )
     try:
-        return get_peft_model(base, lora), lora
+        model = get_peft_model(base, lora)
     except ValueError as err:
         raise ConfigError(f"{field}.lora_target_modules={targets}: {err}") from err
+    # the adapter names its base as the recipe does (a hub id, builtin:..., a path as given), not a cache folder
+    # of this machine: a saved adapter (policy/, adapter/) then merges and loads elsewhere too
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = config.model_name_or_path
+    return model, lora
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -661,7 +693,7 @@ def check_logprobs_match_model(model: nn.Module, name: str, length: int = 8) -> 
     device = embeddings.weight.device
     vocab = embeddings.num_embeddings
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+    input_ids = torch.randint(0, vocab, (1, length), generator=generator, device="cpu").to(device)
     attention_mask = torch.ones_like(input_ids)
     was_training = model.training
     model.eval()
@@ -705,6 +737,8 @@ class SequenceClassifierReward(nn.Module):
             dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
             **quantization_kwargs(quantization, dtype, "reward.quantization", device),
         ))
+        if device is not None and quantization is None:  # outside the module tree: no strategy moves it
+            self.model.to(device)
         num_labels = self.model.config.num_labels
         if label_index is None:
             if num_labels != 1:

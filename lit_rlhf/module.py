@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import random
+import json
 import resource
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import lightning as L
@@ -23,12 +23,8 @@ from lightning.pytorch.strategies import (
 from torch import Tensor, nn
 
 from lit_rlhf import ppo as ppo_math
-from lit_rlhf.checkpoints import (
-    TrainedWeightsOnly,
-    plain,
-    recipe_changes,
-    resume_cut_epoch_mid_epoch,
-)
+from lit_rlhf.advantages import estimate_advantages
+from lit_rlhf.checkpoints import ExactResume, plain_hyperparameters
 from lit_rlhf.configs import (
     EvaluationConfig,
     OptimizerConfig,
@@ -42,6 +38,7 @@ from lit_rlhf.host_memory import mmap_large_allocations
 from lit_rlhf.models import (
     POLICY_ADAPTER,
     PolicyConfig,
+    ResponseOutput,
     SequenceClassifierReward,
     disable_dropout,
     freeze,
@@ -89,6 +86,7 @@ class Rollout:
     ref_logprobs: Optional[Tensor] = None  # kept for ppo.kl_in_loss
     loss_mask: Optional[Tensor] = None  # ``mask`` without the responses that contribute no loss
     token_weights: Optional[Tensor] = None  # truncated importance weights of engine samples (rollout_correction)
+    logprobs_from_update: bool = False  # ``logprobs`` are filled in by the (single) update pass, see make_rollout
 
     def samples(self) -> dict[str, list]:
         """Per-response rows for sample tables: prompt, completion, score, KL and total reward."""
@@ -101,8 +99,10 @@ class Rollout:
         }
 
 
-class PPOModule(TrainedWeightsOnly, L.LightningModule):
+class PPOModule(ExactResume, L.LightningModule):
     """PPO for a LoRA policy with a value head, against a frozen reference and a reward."""
+
+    MODEL_SECTIONS_THAT_MUST_MATCH = ("policy", "reward", "reference")  # a resume refuses other ones
 
     def __init__(
         self,
@@ -129,17 +129,15 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         """
         super().__init__()
         reward.terms()  # exactly one source (or a list of them)
+        optimizer.check()
         if ppo.num_minibatches < 1 or ppo.gradient_accumulation_steps < 1 or ppo.ppo_epochs < 1:
             raise ConfigError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
         if generation.temperature <= 0:
             raise ConfigError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
-        # Plain dicts, so that checkpoints load with ``torch.load(weights_only=True)`` and hparams.yaml reads well.
-        self.save_hyperparameters({  # lists, not tuples: hparams.yaml must load with yaml.safe_load
-            name: plain(asdict(config)) for name, config in (
-                ("policy", policy), ("reward", reward), ("reference", reference), ("generation", generation),
-                ("ppo", ppo), ("optimizer", optimizer), ("evaluation", evaluation),
-            )
-        } | {"release_host_memory": release_host_memory})
+        self.save_hyperparameters(plain_hyperparameters(
+            policy=policy, reward=reward, reference=reference, generation=generation, ppo=ppo, optimizer=optimizer,
+            evaluation=evaluation, release_host_memory=release_host_memory,
+        ))
         # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
         self.sampling, self.ppo_config, self.optimizer_config = generation, ppo, optimizer
@@ -191,10 +189,12 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
         if reference_cfg.model_name_or_path is not None and self.uses_reference:
-            self._frozen_models["reference"] = freeze(load_causal_lm(
+            reference = freeze(load_causal_lm(
                 reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
                 field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
             ))
+            # kept outside the module tree, so no strategy moves it (a quantized one is loaded onto the device)
+            self._frozen_models["reference"] = reference.to(device) if device and not reference_cfg.quantization else reference
         sources = []
         for term in reward_cfg.terms():
             if term.model_name_or_path is not None:
@@ -233,7 +233,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data = getattr(datamodule, "hparams", None)
         prompt_length = getattr(data, "max_prompt_length", 512)
-        context = engine_context_length(self.policy.model.config, prompt_length, sampling.max_new_tokens)
+        longest = max(new_tokens for _, new_tokens in self._response_budgets())  # the evaluation samples on it too
+        context = engine_context_length(self.policy.model.config, prompt_length, longest)
         cache_bytes = int(sampling.kv_cache_gb * 2**30) if sampling.kv_cache_gb is not None else None
         if cache_bytes is None and device.type == "cpu":  # only what the largest batch needs, not a share of RAM
             batch = getattr(data, "batch_size", None) or 64
@@ -253,7 +254,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         if getattr(self, "tokenizer", None) is not None:
             return
         policy_cfg = self.policy_config
-        self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code,
+                                        "model.policy.model_name_or_path")
         generation_config = load_generation_config(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
         checkpoint_eos = getattr(generation_config, "eos_token_id", None)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
@@ -268,13 +270,20 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         if data is not None and getattr(data, "batch_size", None) is not None:
             self._minibatch_sizes(data.batch_size)
             context = model_context_length(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
-            total = data.max_prompt_length + self.sampling.max_new_tokens
-            if context is not None and total > context:
-                raise ConfigError(
-                    f"data.max_prompt_length={data.max_prompt_length} + generation.max_new_tokens="
-                    f"{self.sampling.max_new_tokens} = {total} exceeds the context of policy.model_name_or_path "
-                    f"({context} tokens): lower one of them"
-                )
+            for field, new_tokens in self._response_budgets():
+                total = data.max_prompt_length + new_tokens
+                if context is not None and total > context:
+                    raise ConfigError(
+                        f"data.max_prompt_length={data.max_prompt_length} + {field}={new_tokens} = {total} exceeds the "
+                        f"context of policy.model_name_or_path ({context} tokens): lower one of them"
+                    )
+
+    def _response_budgets(self) -> list[tuple[str, int]]:
+        """The longest responses the run samples, with their fields: training rollouts and evaluation."""
+        budgets = [("generation.max_new_tokens", self.sampling.max_new_tokens)]
+        if self.evaluation.max_new_tokens is not None:
+            budgets.append(("evaluation.max_new_tokens", self.evaluation.max_new_tokens))
+        return budgets
 
     def _check_algorithm(self) -> None:
         """Settings that cannot work together, named with their fields."""
@@ -286,6 +295,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
                 f"ppo.advantage_estimator={hp.advantage_estimator} compares the responses to one prompt: set "
                 "generation.num_generations to 2 or more (e.g. 8)"
             )
+        if hp.importance_sampling_level == "sequence":
+            ppo_math.sequence_level_aggregation(hp.loss_aggregation)  # GSPO averages over responses
         if hp.dynamic_sampling and groups < 2:
             raise ConfigError("ppo.dynamic_sampling drops groups of equal scores: set generation.num_generations >= 2")
         if self.policy_config.critic == "adapter" and self.device_mesh is not None:
@@ -339,7 +350,7 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
                 raise ConfigError(
                     "trainer.strategy: DeepSpeed ZeRO stage 3 is not supported yet (it would partition the weights "
                     "while they load and while the frozen reward model is used outside the engine). Use stage 2, "
-                    "or the FSDP strategy to shard weights (recipes/llama3.1-8b-fsdp.yaml)"
+                    "or FSDP2 to shard weights (recipes/llama3.1-8b-fsdp2.yaml)"
                 )
             if self.ppo_config.gradient_accumulation_steps > 1:
                 raise ConfigError(
@@ -368,6 +379,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         rollout = self.make_rollout(batch)
         rollout_seconds = time.perf_counter() - start
         train_stats = self.ppo_update(rollout)
+        if rollout.logprobs_from_update:  # the statistics that needed the rollout's log-probs
+            rollout.stats |= self._log_prob_stats(rollout)
         train_seconds = time.perf_counter() - start - rollout_seconds
         # every rank updates its controller with the same global KL, so the coefficients stay equal
         global_kl = float(self._mean_over_ranks(rollout.stats["objective/kl"].detach()))
@@ -403,7 +416,15 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         context_length = queries.shape[1]
         query_responses = torch.cat([queries, responses], dim=1)
         attention_mask = torch.cat([samples.query_mask, mask.long()], dim=1)
-        out = self.policy(query_responses, attention_mask, context_length, self.sampling.temperature)
+        # an engine's log-probs include its top-k / top-p filtering: the trainer's are compared like for like
+        sampling = self.sampling
+        filtered = samples.engine_logprobs is not None and (sampling.top_k > 0 or sampling.top_p < 1.0)
+        from_update = self._logprobs_from_update(samples)
+        if from_update:  # one update of the whole rollout: its pass gives the old log-probs (as TRL's GRPO does)
+            out = ResponseOutput(torch.zeros_like(mask), None, None)
+        else:
+            out = self.policy(query_responses, attention_mask, context_length, sampling.temperature,
+                              sampling_filter=(sampling.top_k, sampling.top_p) if filtered else None)
         values = out.values * mask if out.values is not None else None
         ref_logprobs = self.reference_logprobs(query_responses, attention_mask, context_length) if self.uses_reference else None
 
@@ -412,24 +433,18 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         scores = self.shape_scores(raw_scores, has_stop, lengths)
         engine_stats, token_weights = {}, None
         if samples.engine_logprobs is not None:
-            engine_stats = self._engine_agreement(samples.engine_logprobs, out.logprobs, mask)
+            trainer_logprobs = out.filtered_logprobs if filtered else out.logprobs
+            engine_stats = self._engine_agreement(samples.engine_logprobs, trainer_logprobs, mask)
             if ppo_cfg.rollout_correction == "tis":
                 token_weights = ppo_math.truncated_importance_weights(
-                    out.logprobs, samples.engine_logprobs, ppo_cfg.tis_cap) * mask
+                    trainer_logprobs, samples.engine_logprobs, ppo_cfg.tis_cap) * mask
             self.engine.sleep()  # its memory is the PPO passes' until the next rollout (GPU)
         kl = (ppo_math.kl_penalty(out.logprobs, ref_logprobs, ppo_cfg.kl_estimator) * mask
-              if ref_logprobs is not None else torch.zeros_like(mask))
+              if ref_logprobs is not None and not from_update else torch.zeros_like(mask))
         advantages, returns, rewards = self.estimate_advantages(scores, kl, values, mask)
         loss_mask = mask * has_stop.unsqueeze(1).to(mask.dtype) if self.reward_config.mask_truncated else None
 
-        sequence_kl = kl.sum(1).mean()
-        non_score_reward = (-self.kl_controller.value * kl).sum(1).mean()
         stats = {
-            "objective/kl": sequence_kl,
-            # TRL's definition: the sampled tokens' negative log-probs, summed per response (no vocabulary pass)
-            "objective/entropy": (-out.logprobs * mask).sum(1).mean(),
-            "objective/non_score_reward": non_score_reward,
-            "objective/rlhf_reward": scores.mean() + non_score_reward,
             "objective/scores": scores.mean(),
             "objective/raw_scores": raw_scores.mean(),
             "val/num_eos_tokens": has_stop.float().sum(),
@@ -441,10 +456,37 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             **engine_stats,
             "perf/generate_sec": self.sampling_seconds,
         }
-        return Rollout(
+        rollout = Rollout(
             query_responses, attention_mask, context_length, mask, out.logprobs, values, advantages, returns,
             stats, samples.prompts, samples.completions, scores, kl, rewards, ref_logprobs, loss_mask, token_weights,
+            from_update,
         )
+        if not from_update:
+            rollout.stats |= self._log_prob_stats(rollout)
+        return rollout
+
+    def _logprobs_from_update(self, samples: Samples) -> bool:
+        """Whether the rollout's (old) log-probs can come from the update itself instead of a pass of their own:
+        one update of the whole rollout (1 PPO epoch, 1 minibatch), where the ratio is 1 with the gradient of
+        the log-probs, and nothing needs them before it (no critic, no KL in the reward, no engine to check)."""
+        hp = self.ppo_config
+        return (hp.ppo_epochs == 1 and hp.num_minibatches == 1 and not self.uses_critic and hp.kl_coef == 0
+                and not hp.adaptive_kl and samples.engine_logprobs is None)
+
+    def _log_prob_stats(self, rollout: Rollout) -> dict[str, Tensor]:
+        """The statistics of the rollout's log-probs: the KL to the reference (also in ``rollout.kl``, when the
+        update filled in the log-probs), the entropy estimate and the KL part of the reward."""
+        mask = rollout.mask
+        if rollout.logprobs_from_update and rollout.ref_logprobs is not None:
+            rollout.kl = ppo_math.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo_config.kl_estimator) * mask
+        non_score_reward = (-self.kl_controller.value * rollout.kl).sum(1).mean()
+        return {
+            "objective/kl": rollout.kl.sum(1).mean(),
+            # TRL's definition: the sampled tokens' negative log-probs, summed per response (no vocabulary pass)
+            "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward,
+            "objective/rlhf_reward": rollout.scores.mean() + non_score_reward,
+        }
 
     def _engine_agreement(self, engine_logprobs: Tensor, logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """How far the engine's log-probs of the sampled tokens are from the trainer's, over all ranks: a stale
@@ -463,7 +505,7 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         queries, query_mask = batch["input_ids"], batch["attention_mask"]
         if groups > 1:
             queries, query_mask = queries.repeat_interleave(groups, 0), query_mask.repeat_interleave(groups, 0)
-        self._check_sequence_length(queries.shape[1])
+        self._check_sequence_length(queries.shape[1], sampling.max_new_tokens)
         engine_logprobs, start = None, time.perf_counter()
         if self.engine is not None and sampling.temperature > 0:
             responses, engine_logprobs = self._engine_sample(queries, query_mask, sampling)
@@ -494,7 +536,7 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             # later ones only the blocks with adapted layers, the rest never changes
             self.engine.sync(merged_policy_weights(self.policy.model, POLICY_ADAPTER, self.engine.version > 0))
             self._engine_iteration = self.iteration
-        seeds = torch.randint(0, 2**31 - 1, (queries.shape[0],)).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (queries.shape[0],), device="cpu").tolist()
         tokens, logprobs = self.engine.generate(
             left_unpadded(queries, query_mask), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
             sampling.top_p, self.stop_token_ids, seeds,
@@ -530,43 +572,10 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
     def estimate_advantages(
         self, scores: Tensor, kl: Tensor, values: Optional[Tensor], mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Advantages, returns and per-token rewards ``[batch, len]`` of the configured estimator.
-
-        ``gae``: GAE over the KL-penalized token rewards with the critic's values. ``grpo``/``rloo``: the
-        group baseline of each response's KL-penalized score, on every token. ``reinforce_pp`` (and
-        ``_baseline``, group mean subtracted from the scores first): discounted returns of the KL-penalized
-        token rewards, whitened over the batch (all ranks).
-        """
-        hp, groups = self.ppo_config, self.sampling.num_generations
-        coef = self.kl_controller.value
-        estimator = hp.advantage_estimator
-        if estimator == "reinforce_pp_baseline":
-            scores = ppo_math.group_baseline(scores, groups)
-        rewards = -coef * kl
-        rewards[torch.arange(scores.shape[0], device=scores.device), ppo_math.last_valid_index(mask)] += scores
-        if estimator == "gae":
-            if hp.whiten_rewards:
-                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
-            advantages, returns = ppo_math.compute_gae(rewards, values, mask, hp.gamma, hp.lam)
-            if hp.whiten_advantages:
-                advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
-            return advantages, returns, rewards
-        if estimator in ("grpo", "rloo"):
-            penalized = scores - coef * kl.sum(1)
-            if estimator == "rloo":
-                per_response = ppo_math.rloo_advantages(penalized, groups)
-            elif hp.scale_rewards == "batch":  # the std of every rank's scores, so ranks scale alike
-                centered = ppo_math.grpo_advantages(penalized, groups, "none")
-                std = ppo_math.masked_var(penalized, torch.ones_like(penalized), all_reduce=self._all_reduce_sum).sqrt()
-                per_response = centered / (std + 1e-6)
-            else:
-                per_response = ppo_math.grpo_advantages(penalized, groups, hp.scale_rewards)
-            advantages = ppo_math.sequence_to_tokens(per_response, mask)
-            return advantages, advantages, rewards
-        if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-            returns = ppo_math.discounted_returns(rewards, mask, hp.gamma)
-            return ppo_math.masked_whiten(returns, mask, all_reduce=self._all_reduce_sum), returns, rewards
-        raise ConfigError(f"ppo.advantage_estimator={estimator!r}: use gae, grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+        """Advantages, returns and per-token rewards ``[batch, len]`` of the configured estimator, with the
+        statistics of every rank (:func:`lit_rlhf.advantages.estimate_advantages`)."""
+        return estimate_advantages(scores, kl, values, mask, self.ppo_config, self.sampling.num_generations,
+                                   self.kl_controller.value, self._all_reduce_sum)
 
     def _dynamic_sampling(
         self, samples: Samples, scores: Tensor, each: dict[str, Tensor]
@@ -588,10 +597,13 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
                 target_scores.append((part_scores[rows], {k: v[rows] for k, v in part_each.items()}))
             if retries == 0:
                 first_dropped = len(dropped)
-            if len(kept) >= wanted or retries >= self.ppo_config.dynamic_sampling_max_retries:
+            # decided together: sampling again runs generate, whose collectives (sharded weights) every rank must
+            # join, so a rank with enough groups samples along with the one that lacks the most (and keeps its own)
+            missing = self._max_over_ranks(wanted - len(kept))
+            if missing <= 0 or retries >= self.ppo_config.dynamic_sampling_max_retries:
                 break
             retries += 1
-            part = self.sample(self._replacement_prompts(wanted - len(kept), retries))
+            part = self.sample(self._replacement_prompts(missing, retries))
             part_scores, part_each = self.score(part)
         chosen = (kept + dropped)[:wanted]
         chosen_scores = (kept_scores + dropped_scores)[:wanted]
@@ -644,6 +656,14 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Evaluation on held-out prompts (``data.val_path``): completions as ``model.evaluation`` says,
         scored by the run's rewards, logged under ``eval/`` (TRL's ``val/`` names mean training statistics)."""
+        metrics, prompts = self.evaluate(batch)
+        for name, value in metrics.items():
+            self.log(name, value, batch_size=prompts, sync_dist=True, prog_bar=name == "eval/score")
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
+        """The ``eval/`` metrics of one batch of held-out prompts, and how many prompts it held; the completions
+        go to ``eval_samples.jsonl`` in the run's folder."""
         cfg = self.evaluation
         k = cfg.num_samples
         sampling = replace(self.sampling, temperature=cfg.temperature, num_generations=k,
@@ -651,6 +671,7 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         samples = self.sample(batch, sampling)
         scores, each = self.score(samples)
         passed = (scores >= cfg.pass_threshold).float().view(-1, k)
+        self._write_eval_samples(samples, scores)
         metrics = {
             "eval/score": scores.mean(),
             "eval/response_length": samples.mask.sum(1).float().mean(),
@@ -658,11 +679,52 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             **({f"eval/pass@{k}": passed.max(1).values.mean()} if k > 1 else {}),
             **{f"eval/reward/{name}": value.mean() for name, value in each.items() if len(each) > 1},
         }
-        for name, value in metrics.items():
-            self.log(name, value, batch_size=passed.shape[0], sync_dist=True, prog_bar=name == "eval/score")
+        return metrics, passed.shape[0]
+
+    def _write_eval_samples(self, samples: Samples, scores: Tensor) -> None:
+        """Append the held-out completions, with the iteration they were evaluated at (0: before training)."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        from lit_rlhf.runs import run_directory
+
+        directory = run_directory(self.trainer)  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / "eval_samples.jsonl", "a") as file:
+                for prompt, completion, score in zip(samples.prompts, samples.completions, scores.tolist()):
+                    file.write(json.dumps({"iteration": self.iteration, "prompt": prompt, "completion": completion,
+                                           "score": score}) + "\n")
+
+    @torch.no_grad()
+    def evaluate_before_training(self) -> dict[str, float]:
+        """``evaluation.before_training``: the held-out metrics of the policy as it starts, logged at step 0
+        (Lightning's validation runs only after training steps), averaged over prompts and ranks."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loaders = datamodule.val_dataloader() if datamodule is not None else []
+        totals: dict[str, Tensor] = {}
+        prompts = torch.zeros((), device=self.device)
+        for loader in loaders if isinstance(loaders, list) else [loaders]:
+            for batch in loader:
+                metrics, count = self.evaluate(self.transfer_batch_to_device(batch, self.device, 0))
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, torch.zeros((), device=self.device)) + value.float() * count
+                prompts += count
+        if not totals:
+            return {}
+        names = sorted(totals)
+        summed = self._all_reduce_sum(torch.stack([totals[name] for name in names] + [prompts]))
+        metrics = {name: float(value / summed[-1]) for name, value in zip(names, summed[:-1])}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+        return metrics
 
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
-        """``ppo_epochs`` passes of shuffled minibatches over the rollout, one optimizer step each."""
+        """``ppo_epochs`` passes of shuffled minibatches over the rollout, one optimizer step each.
+
+        A minibatch's loss is normalized over the whole minibatch on all ranks (its tokens or responses, as
+        ``loss_aggregation`` says), so it does not depend on how the minibatch is split into micro-batches
+        (``gradient_accumulation_steps``) or ranks.
+        """
         hp = self.ppo_config
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         # training mode, where transformers applies gradient checkpointing; dropout is off if disable_dropout
@@ -670,6 +732,8 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         self.policy.train()
         batch_size = rollout.mask.shape[0]
         minibatch_size, micro_size = self._minibatch_sizes(batch_size // self.sampling.num_generations)
+        # strategies average the gradients of the ranks: a rank's part of the global loss is scaled back up
+        world_size = self.trainer.world_size if self._trainer is not None else 1
         history: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(hp.ppo_epochs):
             epoch_approx_kl = []
@@ -677,16 +741,23 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             for minibatch in order.split(minibatch_size):
                 losses = []
                 micros = minibatch.split(micro_size)
+                normalizers = self._loss_normalizers(rollout, minibatch)
+                parts: dict[str, list[Tensor]] = defaultdict(list)
                 for position, micro in enumerate(micros):
-                    loss, stats = self.ppo_loss(rollout, micro)
+                    loss, stats = self.ppo_loss(rollout, micro, normalizers)
                     # under DDP, gradients are averaged across ranks once per minibatch, on its last micro-batch
                     last = position == len(micros) - 1
                     with nullcontext() if last else self._no_gradient_sync():
-                        self.manual_backward(loss / hp.gradient_accumulation_steps)
+                        self.manual_backward(loss * world_size)
                     losses.append(loss.detach())
                     for name, value in stats.items():
-                        history[name].append(value)
-                    epoch_approx_kl.append(stats["policy/approxkl_avg"])
+                        parts[name].append(value)
+                for name, values in parts.items():
+                    # a loss is the sum of its micro-batch parts (x ranks: the logged mean over ranks is the
+                    # minibatch's loss); other statistics are means over the micro-batches
+                    stacked = torch.stack(values)
+                    history[name].append(stacked.sum() * world_size if name.startswith("loss/") else stacked.mean())
+                epoch_approx_kl.append(history["policy/approxkl_avg"][-1])
                 if not self._update_is_finite(torch.stack(losses)):
                     optimizer.zero_grad(set_to_none=True)
                     self._skip_update()
@@ -701,9 +772,29 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         self.policy.eval()
         return {name: torch.stack(values).mean() for name, values in history.items()}
 
-    def ppo_loss(self, rollout: Rollout, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss_normalizers(self, rollout: Rollout, rows: Tensor) -> dict[str, Tensor]:
+        """What the losses of the minibatch ``rows`` divide by, summed over all ranks: ``policy`` for the policy,
+        entropy and KL terms (as ``loss_aggregation`` says), ``tokens`` (its loss tokens) for the value loss."""
+        loss_mask = (rollout.loss_mask if rollout.loss_mask is not None else rollout.mask)[rows]
+        counts = self._all_reduce_sum(torch.stack([
+            ppo_math.aggregation_count(loss_mask, self._loss_aggregation(), self.sampling.max_new_tokens).float(),
+            loss_mask.sum().float(),
+        ]))
+        return {"policy": counts[0], "tokens": counts[1]}
+
+    def _loss_aggregation(self) -> ppo_math.LossAggregation:
+        """``ppo.loss_aggregation``, or the per-response mean it stands for under GSPO."""
+        hp = self.ppo_config
+        if hp.importance_sampling_level == "sequence":
+            return ppo_math.sequence_level_aggregation(hp.loss_aggregation)
+        return hp.loss_aggregation
+
+    def ppo_loss(
+        self, rollout: Rollout, index: Tensor, normalizers: Optional[dict[str, Tensor]] = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss (+ ``vf_coef`` x clipped value loss with a critic, + ``kl_loss_coef`` x k3 KL
-        with ``kl_in_loss``, - entropy bonus) on rows ``index``."""
+        with ``kl_in_loss``, - entropy bonus) on rows ``index``. With ``normalizers`` (``_loss_normalizers``
+        of a minibatch) it is these rows' part of the minibatch's loss; without, the rows are the minibatch."""
         hp = self.ppo_config
         input_ids, attention_mask, context_length = trim_padding(
             rollout.query_responses[index], rollout.attention_mask[index], rollout.context_length
@@ -711,21 +802,25 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         response_len = input_ids.shape[1] - context_length
         mask = rollout.mask[index, :response_len]
         loss_mask = rollout.loss_mask[index, :response_len] if rollout.loss_mask is not None else mask
+        normalizers = normalizers or {}
         out = self.policy(
             input_ids, attention_mask, context_length, self.sampling.temperature, with_entropy=True,
             entropy_grad=hp.ent_coef != 0,  # otherwise only a statistic: no graph, no backward through it
         )
-        mode, max_new_tokens = hp.loss_aggregation, self.sampling.max_new_tokens
+        mode, max_new_tokens = self._loss_aggregation(), self.sampling.max_new_tokens
         weights = rollout.token_weights[index, :response_len] if rollout.token_weights is not None else None
+        if rollout.logprobs_from_update:  # the only pass over these rows: its log-probs are the old ones
+            rollout.logprobs[index, :response_len] = out.logprobs.detach()
         pg_loss, pg_stats = ppo_math.policy_loss(
             out.logprobs, rollout.logprobs[index, :response_len], rollout.advantages[index, :response_len],
             loss_mask, hp.clip_range, hp.clip_range_high, hp.importance_sampling_level == "sequence", mode,
-            max_new_tokens, weights,
+            max_new_tokens, weights, normalizers.get("policy"),
         )
         entropy = ppo_math.masked_mean(out.entropy, mask)
         loss = pg_loss
         if hp.ent_coef:
-            loss = loss - hp.ent_coef * ppo_math.aggregate(out.entropy, loss_mask, mode, max_new_tokens)
+            loss = loss - hp.ent_coef * ppo_math.aggregate(out.entropy, loss_mask, mode, max_new_tokens,
+                                                           normalizers.get("policy"))
         stats = {
             "policy/approxkl_avg": pg_stats["approx_kl"],
             "policy/clipfrac_avg": pg_stats["clipfrac"],
@@ -736,13 +831,13 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         if rollout.values is not None:
             vf_loss, vf_stats = ppo_math.value_loss(
                 out.values, rollout.values[index, :response_len], rollout.returns[index, :response_len], loss_mask,
-                hp.clip_range_value,
+                hp.clip_range_value, normalizers.get("tokens"),
             )
             loss = loss + hp.vf_coef * vf_loss
             stats |= {"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]}
         if hp.kl_in_loss:
             kl = ppo_math.kl_penalty(out.logprobs, rollout.ref_logprobs[index, :response_len], "k3")
-            kl_loss = ppo_math.aggregate(kl, loss_mask, mode, max_new_tokens)
+            kl_loss = ppo_math.aggregate(kl, loss_mask, mode, max_new_tokens, normalizers.get("policy"))
             loss = loss + hp.kl_loss_coef * kl_loss
             stats["loss/kl_avg"] = kl_loss.detach()
         return loss, stats
@@ -795,14 +890,13 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         minibatch_size = rows // hp.num_minibatches
         return minibatch_size, minibatch_size // hp.gradient_accumulation_steps
 
-    def _check_sequence_length(self, context_length: int) -> None:
+    def _check_sequence_length(self, context_length: int, max_new_tokens: int) -> None:
         limit = getattr(self.policy.model.config, "max_position_embeddings", None)
-        total = context_length + self.sampling.max_new_tokens
+        total = context_length + max_new_tokens
         if limit is not None and total > limit:
             raise ConfigError(
-                f"Prompt length {context_length} + generation.max_new_tokens={self.sampling.max_new_tokens}"
-                f" = {total} exceeds the model's context of {limit} tokens: lower data.max_prompt_length or "
-                "generation.max_new_tokens"
+                f"Prompt length {context_length} + {max_new_tokens} new tokens = {total} exceeds the model's context "
+                f"of {limit} tokens: lower data.max_prompt_length, generation.max_new_tokens or evaluation.max_new_tokens"
             )
 
     def log_metrics(self, metrics: dict[str, Any], batch_size: int) -> None:
@@ -820,6 +914,12 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
             return values
         # the strategy reduces in place: a copy keeps the caller's tensor (and any view of it) unchanged
         return self.trainer.strategy.reduce(values.clone(), reduce_op="sum")
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's ``value`` (``value`` itself in a single-process run)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return int(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="max"))
 
     def _mean_over_ranks(self, value: Tensor) -> Tensor:
         """Mean of ``value`` over all ranks (``value`` itself in a single-process run)."""
@@ -861,70 +961,29 @@ class PPOModule(TrainedWeightsOnly, L.LightningModule):
         return self.all_gather(values).flatten()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the names of the trained weights, so that a resume can tell whether the checkpoint holds all of them
-        # even where a strategy loads the weights itself (FSDP2, DeepSpeed) and hands us only the metadata
-        checkpoint["trained_weights"] = sorted(self.state_dict())
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["score_moments"] = self.score_moments.state_dict()
         checkpoint["ppo_progress"] = {"iteration": self.iteration, "skipped_updates": self.skipped_updates}
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-        }
-        if "loops" in checkpoint and self._trainer is not None:
-            resume_cut_epoch_mid_epoch(checkpoint["loops"], self.trainer.num_training_batches)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()  # the optimizer follows the recipe (also after a resume)
+        if self.evaluation.before_training and self.iteration == 0 and self.trainer.ckpt_path is None:
+            self.evaluate_before_training()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_checkpoint_matches_recipe(checkpoint)
-        self._check_checkpoint_holds_trained_weights(checkpoint)
+        """Restore the run's state; the recipe that runs now is the one that counts (a changed ``ppo.kl_coef``
+        starts the KL controller again from it)."""
+        super().on_load_checkpoint(checkpoint)
         if "kl_controller" in checkpoint:
-            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+            saved_coef = ((checkpoint.get("hyper_parameters") or {}).get("ppo") or {}).get("kl_coef")
+            if saved_coef is None or saved_coef == self.ppo_config.kl_coef:
+                self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         if "score_moments" in checkpoint:
             self.score_moments.load_state_dict(checkpoint["score_moments"])
         if "ppo_progress" in checkpoint:
             self.iteration = checkpoint["ppo_progress"]["iteration"]
             self.skipped_updates = checkpoint["ppo_progress"]["skipped_updates"]
-        if "rng_states" in checkpoint:  # the resumed run samples exactly what the uninterrupted one would
-            rng = checkpoint["rng_states"]
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate(rng["python"])
-
-    def _check_checkpoint_matches_recipe(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to resume a checkpoint of another recipe (models, LoRA, data); warn about changed
-        hyper-parameters (which a user may change on purpose when resuming)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        refuse, warn = recipe_changes(
-            checkpoint.get("hyper_parameters") or {}, dict(self.hparams),
-            checkpoint.get("datamodule_hyper_parameters") or {}, dict(datamodule.hparams) if datamodule else {},
-        )
-        if refuse:
-            raise ConfigError(
-                f"The checkpoint (--ckpt_path) was written by a run of another recipe: {'; '.join(refuse)}. Resume "
-                "with the recipe that wrote it, or start a new run without --ckpt_path"
-            )
-        if warn:
-            warnings.warn(f"Resuming with changed settings: {'; '.join(warn)}", UserWarning, stacklevel=2)
-
-    def _check_checkpoint_holds_trained_weights(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint that lacks some of this run's trained weights (or has others): loading it
-        would silently restart those weights from their initial values."""
-        expected = set(self.state_dict())
-        if "state_dict" in checkpoint:
-            found = set(checkpoint["state_dict"])
-        elif "trained_weights" in checkpoint:
-            found = set(checkpoint["trained_weights"])
-        else:
-            return
-        missing, unexpected = sorted(expected - found), sorted(found - expected)
-        if missing or unexpected:
-            raise ConfigError(
-                f"The checkpoint does not hold this run's trained weights: {len(missing)} missing (e.g. "
-                f"{missing[:3]}), {len(unexpected)} not in this run (e.g. {unexpected[:3]}). Resume with the recipe "
-                "that wrote it (same policy, LoRA rank and target modules)"
-            )
 
     def on_train_end(self) -> None:
         """Write the trained adapter (peft format) and value head next to the logs."""

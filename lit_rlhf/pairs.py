@@ -1,9 +1,12 @@
 """Prompt + completion data for the SFT and reward-model stages: reading rows, tokenizing them the way PPO
 sees them, and batching rows of similar length together.
 
-A completion is tokenized after its prompt and ends with the EOS token, exactly as a PPO rollout's
-response does (the stop token included), so a reward model trained here scores PPO's rollouts the way it
-was trained, and an SFT policy learns to stop.
+A completion is tokenized after its prompt and ends at its first stop token, exactly as a PPO rollout's
+response does (the stop token included; PPO's default stop set: the tokenizer's EOS plus the checkpoint's
+``generation_config`` EOS list). A chat template's turn ends with its end-of-turn token (ChatML's
+``<|im_end|>``, Llama 3's ``<|eot_id|>``), and whatever the template adds after it is cut, as PPO stops there
+too; a completion without any stop token gets the tokenizer's EOS. So a reward model trained here scores
+PPO's rollouts at the position it was trained on, and an SFT policy learns to stop where PPO will.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lit_rlhf.data import data_position
 from lit_rlhf.errors import ConfigError
 
 
@@ -45,8 +49,28 @@ def split_messages(messages: Any, where: str) -> tuple[list[dict], str]:
     return messages[:-1], str(last.get("content") or "")
 
 
-def encode(tokenizer: Any, prompt: Any, completion: str, chat: bool) -> Encoded:
-    """Tokenize ``prompt`` (text, or earlier chat turns when ``chat``) and ``completion`` + EOS after it.
+def default_stop_token_ids(tokenizer: Any, model_name_or_path: str, trust_remote_code: bool = False) -> list[int]:
+    """PPO's default stop set for a model: its tokenizer's EOS plus its ``generation_config`` EOS list."""
+    from lit_rlhf.models import load_generation_config
+    from lit_rlhf.rollout import stop_token_ids
+
+    generation_config = load_generation_config(model_name_or_path, trust_remote_code)
+    return stop_token_ids(tokenizer, None, getattr(generation_config, "eos_token_id", None))
+
+
+def end_at_stop(completion_ids: Sequence[int], stop_ids: Sequence[int], eos_token_id: Optional[int]) -> list[int]:
+    """``completion_ids`` up to and including the first of ``stop_ids`` (what PPO's response would hold), or
+    with ``eos_token_id`` appended when none of them occurs."""
+    stops = set(stop_ids)
+    for position, token in enumerate(completion_ids):
+        if token in stops:
+            return list(completion_ids[: position + 1])
+    return list(completion_ids) + ([eos_token_id] if eos_token_id is not None else [])
+
+
+def encode(tokenizer: Any, prompt: Any, completion: str, chat: bool, stop_ids: Optional[Sequence[int]] = None) -> Encoded:
+    """Tokenize ``prompt`` (text, or earlier chat turns when ``chat``) and ``completion`` after it, the completion
+    ending at its first stop token (``stop_ids``, default the tokenizer's EOS; see :func:`end_at_stop`).
 
     The completion's ids are those of the whole text after the prompt's, so tokens that merge across the
     boundary are not split in two.
@@ -64,9 +88,8 @@ def encode(tokenizer: Any, prompt: Any, completion: str, chat: bool) -> Encoded:
     else:
         completion_ids = tokenizer(f" {completion}", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not completion_ids or completion_ids[-1] != eos):
-        completion_ids = completion_ids + [eos]
-    return Encoded(list(prompt_ids), completion_ids)
+    stops = list(stop_ids) if stop_ids is not None else ([eos] if eos is not None else [])
+    return Encoded(list(prompt_ids), end_at_stop(completion_ids, stops, eos))
 
 
 def fit_length(pair: Encoded, max_length: int, overlong: str) -> Optional[Encoded]:
@@ -97,7 +120,8 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     Each epoch shuffles the rows with a generator seeded by ``(seed, epoch)``, sorts windows of
     ``window_batches`` batches by length and cuts them into batches, then shuffles the batches. Under data
-    parallelism each rank takes every ``num_replicas``-th batch.
+    parallelism each rank takes every ``num_replicas``-th batch. ``skip`` leaves out the first batches of the
+    next pass (a run resumed mid-epoch); the length stays the epoch's, as Lightning counts it.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window_batches: int = 50,
@@ -105,30 +129,44 @@ class LengthGroupedSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.window = batch_size * window_batches
         self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
+        self.sampler = _EpochOf(self)  # Lightning sets the epoch of ``batch_sampler.sampler``, not of this
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist() if self.shuffle else list(range(len(self.lengths)))
+        order = (torch.randperm(len(self.lengths), generator=generator, device="cpu").tolist() if self.shuffle
+                 else list(range(len(self.lengths))))
         batches = []
         for start in range(0, len(order), self.window):
             window = sorted(order[start : start + self.window], key=lambda i: self.lengths[i])
             batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
         if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator, device="cpu").tolist()]
         usable = len(batches) // self.num_replicas * self.num_replicas
         return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        skip, self.skip = self.skip, 0  # for the first pass after a resume only
+        return iter(self._batches()[skip:])
 
     def __len__(self) -> int:
         n, b = len(self.lengths), self.batch_size
         batches = sum(math.ceil(min(self.window, n - start) / b) for start in range(0, n, self.window))
         return batches // self.num_replicas
+
+
+class _EpochOf:
+    """Where Lightning looks for ``set_epoch`` at each epoch's start (a batch sampler's ``sampler``): passes the
+    epoch on to the batch sampler, so each epoch gets its own batch order."""
+
+    def __init__(self, batch_sampler: LengthGroupedSampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 class PairsDataModule(L.LightningDataModule):
@@ -144,6 +182,15 @@ class PairsDataModule(L.LightningDataModule):
             raise ConfigError("data.batch_size must be >= 1 and data.max_length >= 2")
         self.train_pairs: list = []
         self.val_pairs: list = []
+        self._resume_position: Optional[dict[str, int]] = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: the epoch and how many of its batches training has consumed."""
+        return data_position(self.trainer)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self._resume_position = dict(state)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_pairs:
@@ -153,8 +200,9 @@ class PairsDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer is None:
             raise ConfigError("data.tokenizer is not set: give the model's model_name_or_path")
-        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code)
+        tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code, "data.tokenizer (the model's model_name_or_path)")
         self.pad_token_id = tokenizer.pad_token_id
+        self.stop_ids = default_stop_token_ids(tokenizer, hp.tokenizer, hp.trust_remote_code)  # PPO's default
         self.train_pairs = self._pairs(tokenizer, hp.path, hp.split)
         if len(self.train_pairs) < hp.batch_size:
             raise ConfigError(f"data.path={hp.path!r} has {len(self.train_pairs)} usable pairs, fewer than "
@@ -183,7 +231,12 @@ class PairsDataModule(L.LightningDataModule):
         return DataLoader(pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_pairs, shuffle=True)
+        loader = self._loader(self.train_pairs, shuffle=True)
+        if self._resume_position is not None:  # continue with the next unused batch of the resumed epoch
+            loader.batch_sampler.set_epoch(self._resume_position["epoch"])
+            loader.batch_sampler.skip = self._resume_position["batches_consumed"]
+            self._resume_position = None
+        return loader
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.val_pairs, shuffle=False)] if self.val_pairs else []

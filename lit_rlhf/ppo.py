@@ -195,48 +195,85 @@ def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty:
     return -penalty * ((lengths.float() - start) / buffer).clamp(0.0, 1.0)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token_mean", max_new_tokens: int = 0) -> Tensor:
-    """Reduce per-token losses ``[batch, len]`` to a scalar.
+def aggregation_count(mask: Tensor, mode: LossAggregation = "token_mean", max_new_tokens: int = 0) -> Tensor:
+    """What :func:`aggregate` divides by for the rows of ``mask``: their loss tokens (``token_mean``), their
+    responses with a loss token (``seq_mean_token_mean``, ``seq_mean_token_sum``), or rows x ``max_new_tokens``
+    (``seq_mean_token_sum_norm``).
 
-    ``token_mean``: over all tokens of the batch (long responses weigh more); ``seq_mean_token_mean``: per
-    response, then over responses; ``seq_mean_token_sum``: summed per response, mean over responses;
-    ``seq_mean_token_sum_norm``: summed over the batch, divided by responses x ``max_new_tokens`` (Dr.GRPO's
-    constant normalizer: no length bias). Fully masked rows (and batches) contribute 0, not NaN.
+    Summed over a minibatch's micro-batches and over the ranks, it is the minibatch's normalizer: each part's
+    ``aggregate(..., normalizer=total)`` then adds up to the minibatch's loss, however it is split.
     """
-    if mode == "token_mean":  # a micro-batch whose tokens are all masked (e.g. all truncated) contributes 0
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    sums = (values * mask).sum(1)
-    if mode == "seq_mean_token_mean":
-        return (sums / mask.sum(1).clamp(min=1)).mean()
-    if mode == "seq_mean_token_sum":
-        return sums.mean()
+    if mode == "token_mean":
+        return mask.sum()
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return (mask.sum(1) > 0).sum().to(mask.dtype)
     if mode == "seq_mean_token_sum_norm":
         if max_new_tokens <= 0:
             raise ConfigError("loss_aggregation=seq_mean_token_sum_norm needs generation.max_new_tokens > 0")
-        return sums.sum() / (values.shape[0] * max_new_tokens)
+        return torch.tensor(float(mask.shape[0] * max_new_tokens), device=mask.device)
     raise ConfigError(f"ppo.loss_aggregation={mode!r}: use token_mean, seq_mean_token_mean, seq_mean_token_sum "
                       "or seq_mean_token_sum_norm")
+
+
+def aggregate(
+    values: Tensor, mask: Tensor, mode: LossAggregation = "token_mean", max_new_tokens: int = 0,
+    normalizer: Optional[Tensor] = None,
+) -> Tensor:
+    """Reduce per-token losses ``[batch, len]`` to a scalar.
+
+    ``token_mean``: over all tokens (long responses weigh more); ``seq_mean_token_mean``: per response, then over
+    responses; ``seq_mean_token_sum``: summed per response, mean over responses; ``seq_mean_token_sum_norm``:
+    summed, divided by responses x ``max_new_tokens`` (Dr.GRPO's constant normalizer: no length bias).
+    ``normalizer`` replaces the divisor :func:`aggregation_count` gives for these rows: the count of a whole
+    minibatch over all ranks, when these rows are one micro-batch of it. Fully masked rows (and batches)
+    contribute 0, not NaN.
+    """
+    count = aggregation_count(mask, mode, max_new_tokens) if normalizer is None else normalizer
+    if mode == "seq_mean_token_mean":
+        total = ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+    else:
+        total = (values * mask).sum()
+    return total / count.clamp(min=1)
+
+
+def sequence_level_aggregation(mode: LossAggregation) -> LossAggregation:
+    """The aggregation GSPO (``importance_sampling_level: sequence``) uses for ``mode``.
+
+    GSPO's objective averages the clipped sequence terms over responses; with the sequence ratio on every token,
+    ``token_mean`` would weigh each response by its length, so it becomes the per-response mean. The summing
+    modes would weigh by length too: refused.
+    """
+    if mode in ("token_mean", "seq_mean_token_mean"):
+        return "seq_mean_token_mean"
+    raise ConfigError(
+        f"ppo.importance_sampling_level=sequence (GSPO) averages over responses: ppo.loss_aggregation={mode!r} would "
+        "weigh each response by its length. Use token_mean or seq_mean_token_mean"
+    )
 
 
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
     clip_range_high: Optional[float] = None, sequence_level: bool = False,
     aggregation: LossAggregation = "token_mean", max_new_tokens: int = 0, token_weights: Optional[Tensor] = None,
+    normalizer: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped importance-ratio surrogate loss (to minimize), aggregated over the mask.
 
     The ratio is clipped to ``[1 - clip_range, 1 + clip_range_high]`` (DAPO's clip-higher when
     ``clip_range_high > clip_range``). With ``sequence_level`` (GSPO) every token of a response uses the
-    response's ratio, the geometric mean of its token ratios, while each token keeps its own gradient path.
-    ``token_weights`` (no gradient) multiply each token's loss. ``stats`` holds ``clipfrac`` (share of tokens
-    where clipping binds), ``approx_kl`` (``0.5 * E[(log r)^2]``, token level) and ``ratio`` (mean importance
-    ratio).
+    response's ratio, the geometric mean of its token ratios, while each token keeps its own gradient path,
+    and responses are averaged (:func:`sequence_level_aggregation`); a response without loss tokens gets ratio 1.
+    ``token_weights`` (no gradient) multiply each token's loss; ``normalizer`` is :func:`aggregate`'s.
+    ``stats`` holds ``clipfrac`` (share of tokens where clipping binds), ``approx_kl`` (``0.5 * E[(log r)^2]``,
+    token level) and ``ratio`` (mean importance ratio).
     """
     high = clip_range if clip_range_high is None else clip_range_high
     token_log_ratio = logprobs - old_logprobs
     log_ratio = token_log_ratio
     if sequence_level:
-        sequence = masked_mean(token_log_ratio, mask, dim=1).unsqueeze(1)
+        aggregation = sequence_level_aggregation(aggregation)
+        # a response without loss tokens (reward.mask_truncated) would be 0/0: its mean log ratio is 0 instead
+        sequence = ((token_log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
         log_ratio = sequence.detach() + logprobs - logprobs.detach()  # value: the sequence's; gradient: per token
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -244,7 +281,7 @@ def policy_loss(
     per_token = torch.max(unclipped, clipped)
     if token_weights is not None:  # e.g. truncated importance sampling of an engine's samples
         per_token = per_token * token_weights
-    loss = aggregate(per_token, mask, aggregation, max_new_tokens)
+    loss = aggregate(per_token, mask, aggregation, max_new_tokens, normalizer)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -255,13 +292,15 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+    normalizer: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss ``0.5 * E[max((V - R)^2, (V_clip - R)^2)]`` with ``stats['clipfrac']``."""
+    """Clipped value loss ``0.5 * E[max((V - R)^2, (V_clip - R)^2)]`` over the masked tokens, with
+    ``stats['clipfrac']``; ``normalizer`` replaces the token count (a minibatch's, when these rows are part of it)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    loss = 0.5 * aggregate(torch.max(unclipped_error, clipped_error), mask, "token_mean", normalizer=normalizer)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
     return loss, stats

@@ -4,8 +4,8 @@ to score the chosen answer above the rejected one (Bradley-Terry loss ``-log sig
 ``lit-rlhf fit --config recipes/reward-model.yaml`` (the recipe's ``model.class_path`` picks this stage). At
 the end the run writes ``reward_model/``: the adapter merged into the classifier, with its trained score head,
 tokenizer and chat template, a checkpoint that a PPO recipe's ``model.reward.model_name_or_path`` takes as is.
-A pair is tokenized as PPO's rollouts are (prompt, then completion and EOS), so the model scores PPO's
-responses the way it was trained to.
+A pair is tokenized as PPO's rollouts are (prompt, then the completion up to its first stop token, see
+``lit_rlhf.pairs``), so the model scores PPO's responses at the position it was trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
 
+from lit_rlhf.checkpoints import as_config, plain_hyperparameters
 from lit_rlhf.configs import OptimizerConfig
 from lit_rlhf.data import load_table, require_column
 from lit_rlhf.errors import ConfigError
@@ -61,6 +62,9 @@ def load_sequence_classifier(
 class PreferenceDataModule(PairsDataModule):
     """Preference pairs: a prompt with a chosen and a rejected completion (or two chat conversations that
     differ in their last, assistant turn), and an optional margin."""
+
+    FIELDS_THAT_MUST_MATCH = ("path", "prompt_field", "chosen_field", "rejected_field", "margin_field", "split",
+                              "apply_chat_template", "max_length", "overlong", "batch_size", "seed")
 
     def __init__(
         self,
@@ -134,7 +138,8 @@ class PreferenceDataModule(PairsDataModule):
             if good.strip() == bad.strip():
                 same += 1
                 continue
-            encoded = [encode(tokenizer, prompt, text, chat or hp.apply_chat_template) for text in (good, bad)]
+            encoded = [encode(tokenizer, prompt, text, chat or hp.apply_chat_template, self.stop_ids)
+                       for text in (good, bad)]
             fitted = [fit_length(e, hp.max_length, hp.overlong) for e in encoded]
             overlong += any(f is not e for f, e in zip(fitted, encoded))
             if None in fitted:
@@ -168,6 +173,7 @@ class RewardModelModule(AdapterStage):
     sequence_classification = True
     export_use = "model.reward.model_name_or_path"
     config_field = "model.backbone"
+    MODEL_SECTIONS_THAT_MUST_MATCH = ("backbone", "full_finetune")
 
     def __init__(
         self,
@@ -188,8 +194,12 @@ class RewardModelModule(AdapterStage):
             export_dir: Where to write the merged reward model (default: ``reward_model/`` in the run's folder).
         """
         super().__init__()
+        backbone, optimizer = as_config(ModelConfig, backbone), as_config(OptimizerConfig, optimizer)
+        optimizer.check("model.init_args.optimizer")
         self._check_full_finetune(backbone, full_finetune)
-        self.save_hyperparameters()
+        self.save_hyperparameters(plain_hyperparameters(backbone=backbone, full_finetune=full_finetune,
+                                                        center_coef=center_coef, optimizer=optimizer,
+                                                        export_dir=export_dir))
         self.config, self.full_finetune, self.center_coef = backbone, full_finetune, center_coef
         self.optimizer_config, self.export_dir = optimizer, export_dir
         self.model = None

@@ -10,9 +10,11 @@ A function receives, besides the prompts and completions, the data set's other c
 
 from __future__ import annotations
 
+import http.client
 import inspect
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +74,22 @@ def first_word_match(prompts: Sequence[str], completions: Sequence[str], answer:
     for completion, accepted in zip(completions, answer):
         words = completion.lower().split()
         scores.append(float(bool(words) and words[0] in _answers(accepted)))
+    return scores
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any]) -> list[float]:
+    """1.0 when the last number in a completion equals its row's ``answer`` (``"7 + 5 = 12"`` answers 12), else
+    0.0: a verifiable reward for arithmetic that needs no extra package. Thousands separators are ignored."""
+    scores = []
+    for completion, expected in zip(completions, answer):
+        numbers = _NUMBER.findall(completion)
+        try:
+            scores.append(float(bool(numbers) and float(numbers[-1].replace(",", "")) == float(expected)))
+        except ValueError:
+            scores.append(0.0)
     return scores
 
 
@@ -196,22 +214,42 @@ class HTTPReward:
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list], **_: Any) -> Any:
         body = json.dumps({"prompts": prompts, "completions": completions, **columns}).encode()
-        error: Exception = RuntimeError("no attempt")
+        failure = "no attempt"
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
+                    answer = json.loads(response.read().decode("utf-8"))
                 return answer["scores"] if isinstance(answer, dict) else answer
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as err:
-                error = err
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as err:  # network, HTTP, decoding
+                failure = self._what_went_wrong(err)
                 if attempt < self.retries:
                     time.sleep(min(2.0**attempt, 10.0))
         raise TrainingError(
-            f"reward.url={self.url!r}: no valid answer after {self.retries + 1} tries (timeout {self.timeout} s "
-            f"each): {error}. Check that the scorer runs and answers {{\"scores\": [...]}} to a POST of prompts "
-            "and completions"
+            f"reward.url={self.url!r}: no valid answer after {self.retries + 1} tries; the last one: {failure}. Check "
+            "that the scorer runs and answers {\"scores\": [...]} to a POST of prompts and completions"
         )
+
+    def _what_went_wrong(self, err: BaseException) -> str:
+        """One phrase for a failed request: refused, timed out, cut off, an HTTP error status, or a bad answer."""
+        reason = getattr(err, "reason", None) if isinstance(err, urllib.error.URLError) else None
+        if isinstance(err, urllib.error.HTTPError):
+            return f"the scorer answered HTTP {err.code} {err.reason}"
+        if isinstance(reason, ConnectionRefusedError) or isinstance(err, ConnectionRefusedError):
+            return "the connection was refused (is the scorer running at that address?)"
+        if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(err, (TimeoutError, socket.timeout)):
+            return f"no answer within reward.timeout={self.timeout} s"
+        if isinstance(err, http.client.IncompleteRead):
+            return f"the connection closed in the middle of the answer ({len(err.partial)} bytes received)"
+        if isinstance(err, (http.client.HTTPException, ConnectionError)):
+            return f"the connection dropped ({type(err).__name__}: {err})"
+        if isinstance(err, UnicodeDecodeError):
+            return f"the answer is not valid UTF-8 ({err.reason} at byte {err.start})"
+        if isinstance(err, json.JSONDecodeError):
+            return f"the answer is not JSON ({err.msg})"
+        if isinstance(err, KeyError):
+            return "the answer is a JSON object without 'scores'"
+        return f"{type(err).__name__}: {reason or err}"
 
 
 class RewardSet:

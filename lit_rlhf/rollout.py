@@ -81,11 +81,11 @@ def response_mask(responses: Tensor, stop_token_ids: int | Sequence[int]) -> Ten
 
 
 @torch.no_grad()
-def sampling_distribution(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Next-token probabilities ``[batch, vocab]`` after temperature, top-k and top-p (nucleus) filtering.
+def filtered_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """``logits / temperature`` in float32 with every token outside the top-k and the top-p nucleus at -inf.
 
     Top-p keeps the most likely tokens whose cumulative probability reaches ``top_p`` (at least one), as
-    Hugging Face's ``TopPLogitsWarper`` does.
+    Hugging Face's ``TopPLogitsWarper`` and vLLM's sampler do. Works on any leading shape.
     """
     logits = logits.float()
     if temperature != 1.0:
@@ -99,7 +99,13 @@ def sampling_distribution(logits: Tensor, temperature: float, top_k: int = 0, to
         drop_sorted = cumulative <= 1 - top_p
         drop_sorted[..., -1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+    return logits
+
+
+@torch.no_grad()
+def sampling_distribution(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Next-token probabilities ``[batch, vocab]`` after temperature, top-k and top-p (nucleus) filtering."""
+    return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
 def sample_categorical(probs: Tensor) -> Tensor:

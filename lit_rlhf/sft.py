@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lit_rlhf.checkpoints import as_config, plain_hyperparameters
 from lit_rlhf.configs import OptimizerConfig
 from lit_rlhf.data import load_table, require_column
 from lit_rlhf.errors import ConfigError
@@ -34,6 +35,9 @@ from lit_rlhf.stage import AdapterStage
 
 class SFTDataModule(PairsDataModule):
     """Prompt/completion pairs (or chat conversations) for supervised fine-tuning, batched by length."""
+
+    FIELDS_THAT_MUST_MATCH = ("path", "prompt_field", "completion_field", "messages_field", "split",
+                              "apply_chat_template", "max_length", "overlong", "batch_size", "group_by_length", "seed")
 
     def __init__(
         self,
@@ -92,7 +96,7 @@ class SFTDataModule(PairsDataModule):
             if not completion.strip():
                 empty += 1
                 continue
-            pair = encode(tokenizer, prompt, completion, chat or hp.apply_chat_template)
+            pair = encode(tokenizer, prompt, completion, chat or hp.apply_chat_template, self.stop_ids)
             fitted = fit_length(pair, hp.max_length, hp.overlong)
             overlong += fitted is not pair
             if fitted is not None:
@@ -122,6 +126,7 @@ class SFTModule(AdapterStage):
 
     tokenizer_source = "policy"  # the data module tokenizes with this model's tokenizer
     datamodule_class = SFTDataModule
+    MODEL_SECTIONS_THAT_MUST_MATCH = ("policy", "full_finetune")
 
     def __init__(
         self,
@@ -140,8 +145,11 @@ class SFTModule(AdapterStage):
             export_dir: Where to write the merged model at the end (default: ``model/`` in the run's folder).
         """
         super().__init__()
+        policy, optimizer = as_config(ModelConfig, policy), as_config(OptimizerConfig, optimizer)
+        optimizer.check("model.init_args.optimizer")
         self._check_full_finetune(policy, full_finetune)
-        self.save_hyperparameters()
+        self.save_hyperparameters(plain_hyperparameters(policy=policy, full_finetune=full_finetune, loss_on=loss_on,
+                                                        optimizer=optimizer, export_dir=export_dir))
         self.config, self.full_finetune, self.loss_on = policy, full_finetune, loss_on
         self.optimizer_config, self.export_dir = optimizer, export_dir
         self.model = None

@@ -1,4 +1,5 @@
-"""What the SFT and reward-model stages share: the optimizer, and writing the adapter and the merged model."""
+"""What the SFT and reward-model stages share: loading, the optimizer, exact resume, and writing the adapter and
+the merged model."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_rlhf.checkpoints import TrainedWeightsOnly
+from lit_rlhf.checkpoints import ExactResume
 from lit_rlhf.configs import optimizer_and_schedule
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import add_lora, enable_gradient_checkpointing, load_tokenizer
 
 
-class AdapterStage(TrainedWeightsOnly, L.LightningModule):
+class AdapterStage(ExactResume, L.LightningModule):
     """A stage that trains ``self.model`` (a LoRA adapter, or all weights with ``full_finetune``) and exports it.
 
     Subclasses set ``self.model``, ``self.tokenizer``, ``self.config`` (a ``ModelConfig``),
-    ``self.optimizer_config``, ``self.full_finetune`` and ``self.export_dir``.
+    ``self.optimizer_config``, ``self.full_finetune`` and ``self.export_dir``. Checkpoints hold the trained
+    weights, the random state and the data position: a resumed run continues exactly where the stopped one was.
     """
+
 
     export_name = "model"  # the merged model's folder in the run's folder (unless export_dir)
     sequence_classification = False
     export_use = "model.policy.model_name_or_path"
     config_field = "model.policy"  # the recipe field of ``self.config``, named in errors
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False  # checkpoints hold only the trained weights (checked in on_load_checkpoint)
 
     def _check_full_finetune(self, config: Any, full_finetune: bool) -> None:
         if full_finetune and config.quantization is not None:

@@ -1,4 +1,5 @@
-"""Tiny, randomly initialized Hugging Face checkpoints built locally, for offline runs and tests.
+"""Tiny, randomly initialized Hugging Face checkpoints built locally, for offline runs and tests; and where every
+``model_name_or_path`` is turned into a loadable folder (built-ins, GGUF files: :func:`resolve_model_path`).
 
 ``builtin:tiny-<arch>`` (a causal LM) and ``builtin:tiny-<arch>-classifier`` (a one-label sequence
 classifier) name checkpoints that are built from a config on first use, saved with ``save_pretrained``
@@ -144,15 +145,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIT_RLHF_CACHE", Path.home() / ".cache" / "lit_rlhf"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Return a loadable path: built-in names are built (once, atomically) into the cache folder."""
+def resolve_model_path(name_or_path: str, field: str = "model_name_or_path") -> str:
+    """Return a loadable path: built-in names are built (once, atomically) into the cache folder, and a ``.gguf``
+    file is converted (once) into a plain checkpoint there; a local path that does not exist is an error naming
+    ``field`` (rather than the hub's complaint about repo ids)."""
+    from lit_rlhf import gguf
+
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
+        local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+        if (local or gguf.is_gguf(name_or_path)) and not os.path.exists(os.path.expanduser(name_or_path)):
+            raise ConfigError(
+                f"{field}={name_or_path!r}: no such local folder or file "
+                f"({os.path.abspath(os.path.expanduser(name_or_path))}). Give an existing checkpoint folder or .gguf "
+                "file, a hub id (org/name) or a built-in name (builtin:tiny-llama, builtin:smollm2-135m-instruct)"
+            )
+        return gguf.converted_checkpoint(name_or_path, cache_dir()) if gguf.is_gguf(name_or_path) else name_or_path
     name = name_or_path[len(BUILTIN_PREFIX):]
+    if name == gguf.SMOLLM2:
+        return gguf.converted_checkpoint(gguf.smollm2_gguf(), cache_dir(), name=name)
     parts = name.split("-")
     if len(parts) not in (2, 3) or parts[0] != "tiny" or (len(parts) == 3 and parts[2] != "classifier"):
         raise ConfigError(
-            f"Unknown built-in model {name_or_path!r}: use 'builtin:tiny-<arch>' or "
+            f"Unknown built-in model {name_or_path!r}: use 'builtin:{gguf.SMOLLM2}', 'builtin:tiny-<arch>' or "
             f"'builtin:tiny-<arch>-classifier' with arch in {sorted(_ARCH_OVERRIDES)}"
         )
     target = cache_dir() / f"{name}-{_BUILD_VERSION}"

@@ -37,3 +37,25 @@ def food_prompts_only(prompts, completions, answer):
 
     scores = first_word_match(prompts, completions, answer)
     return [s if "bread" in a else 0.0 for s, a in zip(scores, answer)]
+
+
+def sentiment_failing_on_request(prompts, completions):
+    """The quickstart's reward, raising at the call ``$REWARD_FAILS_AT`` names (a crash, for resume tests)."""
+    import os
+
+    from lit_rlhf.rewards import sentiment_lexicon
+
+    _calls["n"] += 1
+    if str(_calls["n"]) == os.environ.get("REWARD_FAILS_AT"):
+        raise RuntimeError("reward function failed (on purpose, in a test)")
+    return sentiment_lexicon(prompts, completions)
+
+
+def characters_but_rank_zero_all_equal(prompts, completions):
+    """Completion lengths (different within every group) on rank 1; all zeros on rank 0 (no learning signal),
+    so only rank 0's dynamic sampling asks for more groups."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() == 0:
+        return [0.0] * len(completions)
+    return characters(prompts, completions)

@@ -2,11 +2,13 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT
@@ -74,10 +76,19 @@ def test_overrides_show_in_print_config():
     assert config["model"]["ppo"]["clip_range"] == 0.1 and config["data"]["batch_size"] == 8
 
 
-def test_unknown_key_is_a_clear_error():
-    result = run_cli("fit", "--config", "recipes/quickstart.yaml", "--model.ppo.clip_rnage=0.1")
-    assert result.returncode != 0
-    assert "clip_rnage" in result.stderr
+def test_unknown_key_is_a_clear_error(tmp_path):
+    """A misspelled field on the command line, in a recipe file, or in a stage's class: one line naming it and
+    the field meant (no page of usage); a mistyped value names its field."""
+    message = one_line_error(run_cli("fit", "--config", "recipes/quickstart.yaml", "--model.ppo.clip_rnage=0.1"))
+    assert "unknown recipe field 'model.ppo.clip_rnage'; did you mean 'model.ppo.clip_range'?" in message
+    (tmp_path / "typo.yaml").write_text("model:\n  ppo:\n    kl_coeff: 0.1\n")
+    message = one_line_error(run_cli("fit", "--config", "recipes/quickstart.yaml", "--config", str(tmp_path / "typo.yaml")))
+    assert "unknown recipe field 'model.ppo.kl_coeff'; did you mean 'model.ppo.kl_coef'?" in message
+    message = one_line_error(run_cli("fit", "--config", "recipes/sft.yaml", "--model.init_args.optimizer.lrr=3"))
+    assert "did you mean 'model.init_args.optimizer.lr'?" in message
+    message = one_line_error(run_cli("fit", "--config", "recipes/quickstart.yaml", "--model.ppo.kl_coef=abc"))
+    assert "model.ppo.kl_coef" in message and "abc" in message
+    assert "usage:" not in run_cli("fit", "--config", "recipes/quickstart.yaml", "--trainer.max_epocs=2").stderr
 
 
 def test_quickstart_recipe_trains_and_writes_outputs(tmp_path):
@@ -124,8 +135,21 @@ def test_recipe_errors_are_one_line_and_come_before_any_weight_loads(tmp_path):
     assert "Loading weights" not in result.stderr  # found from the config, before the model loads
     assert not (tmp_path / "outputs" / "quickstart" / "version_0" / "metrics.csv").exists()
 
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--model.evaluation.max_new_tokens=245", cwd=tmp_path))
+    assert "data.max_prompt_length=16 + evaluation.max_new_tokens=245 = 261 exceeds the context" in message
     message = one_line_error(run_cli("fit", *QUICKSTART, "--model.ppo.num_minibatches=5", cwd=tmp_path))
     assert "data.batch_size=64 is not divisible by ppo.num_minibatches=5" in message
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--model.optimizer.lr=-0.001", cwd=tmp_path))
+    assert "model.optimizer.lr=-0.001 must be positive" in message
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--model.policy.model_name_or_path=./models/mine", cwd=tmp_path))
+    assert "./models/mine': no such local folder" in message and "Repo id" not in message
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--trainer.logger.init_args.save_dir=/proc/runs", cwd=tmp_path))
+    assert "trainer.logger.init_args.save_dir='/proc/runs': the run's files cannot be written there" in message
+    if not torch.cuda.is_available():
+        message = one_line_error(run_cli("fit", "--config", os.path.join(REPO_ROOT, "recipes", "qwen2.5-0.5b-lora.yaml"),
+                                         cwd=tmp_path))
+        assert "trainer.accelerator=gpu but this machine has no CUDA GPU" in message
+        assert "--trainer.accelerator=cpu" in message
     message = one_line_error(run_cli("fit", *QUICKSTART, "--model.reward.function=no_such.module:fn", cwd=tmp_path))
     assert "reward.function='no_such.module:fn': cannot import module" in message
     debug = run_cli("fit", *QUICKSTART, "--model.ppo.num_minibatches=5", "--debug", cwd=tmp_path)
@@ -151,3 +175,68 @@ def test_tensorboard_logger_writes_the_run_folder(tmp_path):
     run_dir = tmp_path / "outputs" / "quickstart" / "version_0"  # the recipe's name carries over
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "config.yaml").exists() and (run_dir / "policy" / "adapter_model.safetensors").exists()
+
+
+def test_damaged_checkpoints_are_refused_in_one_line(tmp_path):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--ckpt_path", "empty.ckpt", cwd=tmp_path))
+    assert "--ckpt_path 'empty.ckpt' is empty (0 bytes)" in message
+    assert run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                   cwd=tmp_path).returncode == 0
+    last = tmp_path / "outputs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:2000])
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--ckpt_path", "cut.ckpt", cwd=tmp_path))
+    assert "--ckpt_path 'cut.ckpt' is truncated or not a checkpoint" in message
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
+    """The next good run is version_0, so the README's commands (export of version_0) keep working."""
+    message = one_line_error(run_cli("fit", *QUICKSTART, "--model.generation.stop_tokens=[no-such-token]", cwd=tmp_path))
+    assert "generation.stop_tokens" in message
+    assert not list((tmp_path / "outputs" / "quickstart").glob("version_*"))
+    assert run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                   cwd=tmp_path).returncode == 0
+    assert [p.name for p in (tmp_path / "outputs" / "quickstart").iterdir()] == ["version_0"]
+
+
+def test_default_root_dir_moves_the_run_folder_and_threads_are_announced(tmp_path):
+    result = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                     "--trainer.default_root_dir=elsewhere", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "elsewhere" / "quickstart" / "version_0" / "metrics.csv").exists()
+    assert not (tmp_path / "outputs").exists()
+    cores = len(os.sched_getaffinity(0))
+    assert f"CPU threads per process: {cores} ({cores} cores / 1 process on this machine" in result.stdout + result.stderr
+    result = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--cpu_threads=1",
+                     cwd=tmp_path)
+    assert "CPU threads per process: 1 (cpu_threads" in result.stdout + result.stderr
+
+
+def test_recipes_named_in_messages_exist():
+    """Errors and docs point users to recipes: each one named in the package must be shipped."""
+    named = set()
+    for path in glob.glob(os.path.join(REPO_ROOT, "lit_rlhf", "*.py")):
+        named |= set(re.findall(r"recipes/[\w.\-]+\.yaml", open(path).read()))
+    assert named and all(os.path.exists(os.path.join(REPO_ROOT, name)) for name in named), named
+
+
+def test_exported_adapter_names_its_base_as_the_recipe_does(tmp_path):
+    """policy/ records builtin:tiny-llama (not a cache folder of this machine), and export merges it from there."""
+    import json
+
+    assert run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                   cwd=tmp_path).returncode == 0
+    policy = tmp_path / "outputs" / "quickstart" / "version_0" / "policy"
+    assert json.loads((policy / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny-llama"
+    exported = run_cli("export", "--adapter_dir", str(policy), "--output_dir", str(tmp_path / "merged"),
+                       env={"LIT_RLHF_CACHE": str(tmp_path / "another-cache")})  # as on another machine
+    assert exported.returncode == 0, exported.stderr[-2000:]
+
+
+def test_quickstart_as_shipped_is_healthy(tmp_path):
+    """The README's first command: the score rises, the KL levels off, the completions stay varied."""
+    from health import assert_healthy
+
+    result = run_cli("fit", *QUICKSTART, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_healthy(tmp_path / "outputs" / "quickstart" / "version_0", score_gain=0.15, min_distinct_2=0.7)

@@ -56,6 +56,9 @@ def ddp(tmp_path_factory):
 def test_ddp_two_processes_share_statistics_and_weights(ddp):
     ranks = [torch.load(ddp / "probe" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
+    # each of the 2 processes takes its share of the cores (unless OMP_NUM_THREADS says otherwise)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(len(os.sched_getaffinity(0)) // 2, 1))
+    assert ranks[0]["records"][0]["threads"] == ranks[1]["records"][0]["threads"] == threads
 
     # identical trainable weights on both ranks after every step (checked at the end), and training moved them
     for name, value in ranks[0]["weights"].items():
@@ -134,3 +137,83 @@ def test_deepspeed_zero2_checkpoints_trained_weights_only_and_resumes_like_ddp(d
 
     (run_dir,) = run_dirs(tmp_path / "ds")
     pd.testing.assert_frame_equal(metrics(run_dir), metrics(run_dirs(tmp_path / "ddp")[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_two_ranks_with_accumulation_step_with_the_gradient_of_their_joint_minibatch(tmp_path):
+    """Responses of different lengths on 2 ranks, each minibatch in 2 micro-batches: the all-reduced gradient of the
+    first step equals the gradient of one process computing the loss over both ranks' rows at once."""
+    from lit_rlhf import PolicyConfig, PPOModule, SamplingConfig
+    from lit_rlhf.module import EvaluationConfig, OptimizerConfig, PPOConfig, ReferenceConfig, RewardConfig, Rollout
+
+    launch(tmp_path, "--trainer.strategy=ddp", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+           "--model.ppo.num_minibatches=1", "--model.ppo.gradient_accumulation_steps=2",
+           "--model.generation.stop_tokens=[the,a,was,is,and,it]",
+           "--trainer.callbacks+=ddp_probe.FirstStepProbe", f"--trainer.callbacks.out_dir={tmp_path}/probe")
+    ranks = [torch.load(tmp_path / "probe" / f"first_step_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, value in ranks[0]["gradients"].items():
+        torch.testing.assert_close(ranks[1]["gradients"][name], value, rtol=0, atol=0)  # all-reduced
+
+    hp = ranks[0]["hparams"]
+    module = PPOModule(policy=PolicyConfig(**hp["policy"]), reward=RewardConfig(**hp["reward"]),
+                       reference=ReferenceConfig(**hp["reference"]), generation=SamplingConfig(**hp["generation"]),
+                       ppo=PPOConfig(**hp["ppo"]), optimizer=OptimizerConfig(**hp["optimizer"]),
+                       evaluation=EvaluationConfig(**hp["evaluation"]))
+    module.configure_model()
+    module.load_state_dict(ranks[0]["weights"], strict=False)
+    parts = [r["rollout"] for r in ranks]
+    lengths = torch.cat([p["mask"].sum(1) for p in parts])
+    assert lengths.min() < lengths.max()
+    joint = Rollout(**_joint_rollout(parts, module.tokenizer.pad_token_id), stats={})
+    module.policy.train()
+    loss, _ = module.ppo_loss(joint, torch.arange(joint.mask.shape[0]))
+    loss.backward()
+    for name, parameter in module.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(ranks[0]["gradients"][name], parameter.grad, rtol=1e-4, atol=1e-7)
+
+
+def _joint_rollout(parts, pad_token_id):
+    """Two ranks' rollouts as one: prompts left-padded, responses right-padded to common widths."""
+    context = max(p["context_length"] for p in parts)
+    width = max(p["query_responses"].shape[1] - p["context_length"] for p in parts)
+
+    def pad(tensor, left, right, value):
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    joint = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key in ("query_responses", "attention_mask"):
+            value = pad_token_id if key == "query_responses" else 0
+            joint[key] = torch.cat([pad(v, context - p["context_length"], width - (v.shape[1] - p["context_length"]), value)
+                                    for v, p in zip(values, parts)])
+        elif isinstance(values[0], torch.Tensor) and values[0].dim() == 2:
+            joint[key] = torch.cat([pad(v, 0, width - v.shape[1], 0.0) for v in values])
+        elif isinstance(values[0], torch.Tensor):
+            joint[key] = torch.cat(values)
+        elif isinstance(values[0], list):
+            joint[key] = values[0] + values[1]
+        else:
+            joint[key] = values[0] if values[0] is None else context
+    return joint
+
+
+GRPO_RUN = ["--config", os.path.join(os.path.dirname(TESTS_DIR), "recipes", "grpo-quickstart.yaml"),
+            f"--data.path={os.path.join(os.path.dirname(TESTS_DIR), 'recipes', 'data', 'word_categories.jsonl')}",
+            f"--data.val_path={os.path.join(os.path.dirname(TESTS_DIR), 'recipes', 'data', 'word_categories_val.jsonl')}",
+            "--trainer.limit_val_batches=1", "--trainer.devices=2", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--data.batch_size=4"]
+
+
+def test_dynamic_sampling_retries_together_on_sharded_ranks(tmp_path):
+    """FSDP2, 2 ranks; only rank 0's groups are all equal, so only rank 0 wants new groups. Retrying alone, its
+    generate would all-gather weights that rank 1 never asks for (a hang); the ranks now retry together."""
+    result = run_cli("fit", *GRPO_RUN, f"--trainer.strategy={FSDP2}", "--model.ppo.dynamic_sampling=true",
+                     "--model.ppo.dynamic_sampling_max_retries=2",
+                     "--model.reward.function=reward_fns:characters_but_rank_zero_all_equal",
+                     cwd=tmp_path, timeout=180, env={"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    frame = pd.read_csv(next((tmp_path / "outputs" / "grpo-quickstart").glob("version_*")) / "metrics.csv")
+    # both ranks ran every retry: the logged mean over ranks is rank 0's count, 2 (rank 1 needed none)
+    assert frame["dynamic_sampling/retries"].dropna().tolist() == [2.0, 2.0]
+    assert frame["dynamic_sampling/dropped_groups"].dropna().tolist() == [2.0, 2.0]  # rank 0's 4, rank 1's 0

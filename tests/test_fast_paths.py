@@ -124,3 +124,45 @@ def test_entropy_bonus_keeps_its_gradient():
 def test_host_memory_setting_takes_effect_on_glibc():
     assert mmap_large_allocations(4 * 2**20) is True
 
+
+
+def test_one_update_takes_its_old_logprobs_from_its_own_pass(tmp_path, monkeypatch):
+    """GRPO with one PPO epoch of one minibatch: the rollout's log-prob pass is skipped and the update's pass gives
+    the old log-probs (ratio 1, the gradient of the log-probs): the same weights and statistics as with the pass."""
+    import lightning as L
+
+    from lit_rlhf import PolicyConfig, PPOModule, PromptDataModule, SamplingConfig
+    from lit_rlhf.module import OptimizerConfig, PPOConfig, RewardConfig
+    from conftest import REPO_ROOT
+
+    results = []
+    for separate_pass in (False, True):
+        L.seed_everything(0)
+        module = PPOModule(
+            policy=PolicyConfig("builtin:tiny-llama", lora_r=8), reward=RewardConfig(function="reward_fns:characters"),
+            generation=SamplingConfig(max_new_tokens=6, temperature=1.0, num_generations=4,
+                                      stop_tokens=["the", "a", "is", "<eos>"]),
+            ppo=PPOConfig(advantage_estimator="grpo", ppo_epochs=1, num_minibatches=1, kl_coef=0.0, kl_in_loss=True,
+                          kl_loss_coef=0.1, gradient_accumulation_steps=2),
+            optimizer=OptimizerConfig(lr=1e-2, scheduler="constant"),
+        )
+        if separate_pass:
+            monkeypatch.setattr(PPOModule, "_logprobs_from_update", lambda self, samples: False)
+        data = PromptDataModule(f"{REPO_ROOT}/recipes/data/word_categories.jsonl", tokenizer="builtin:tiny-llama",
+                                batch_size=4, max_prompt_length=16)
+        logged = {}
+
+        class Keep(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, *args):
+                logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+        L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                  callbacks=[Keep()]).fit(module, data)
+        results.append((module.latest_rollout.logprobs_from_update, dict(module.state_dict()), logged))
+    (fused, fused_weights, fused_logged), (plain, plain_weights, plain_logged) = results
+    assert fused and not plain
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-4, atol=1e-6)
+    for name in ("objective/kl", "objective/entropy", "loss/policy_avg", "loss/kl_avg", "val/ratio", "objective/scores"):
+        assert fused_logged[name] == pytest.approx(plain_logged[name], rel=1e-4, abs=1e-6), name

@@ -335,3 +335,34 @@ def test_resume_refuses_a_checkpoint_without_all_trained_weights(tiny_llama, tmp
     fewer_targets.policy_config.lora_target_modules = ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match="does not hold this run's trained weights"):  # through Lightning's resume
         fit(fewer_targets, make_data(tiny_llama), tmp_path / "x", ckpt_path=str(tmp_path / "state.ckpt"))
+
+
+class FirstGradients(L.Callback):
+    """The gradients of the first optimizer step, before clipping (callbacks see them before the module)."""
+
+    def __init__(self):
+        self.gradients = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.gradients is None:
+            self.gradients = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(aggregation, tiny_llama, tmp_path):
+    """Responses of different lengths (frequent stop tokens): one minibatch in 1 or in 4 micro-batches has the
+    same gradient (token_mean used to divide each micro-batch by its own tokens, then by the accumulation)."""
+    gradients = {}
+    for steps in (1, 4):
+        L.seed_everything(0)
+        module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, gradient_accumulation_steps=steps,
+                                                       loss_aggregation=aggregation))
+        module.sampling.stop_tokens = ["the", "a", "was", "is", "and", "it", "<eos>"]
+        probe = FirstGradients()
+        fit(module, make_data(tiny_llama), tmp_path / str(steps), limit_train_batches=1, callbacks=[probe])
+        lengths = module.latest_rollout.mask.sum(1)
+        gradients[steps] = probe.gradients
+    assert lengths.min() < lengths.max()  # the micro-batches hold different numbers of tokens
+    assert gradients[1].keys() == gradients[4].keys() and gradients[1]
+    for name, value in gradients[1].items():
+        torch.testing.assert_close(gradients[4][name], value, rtol=1e-4, atol=1e-7)

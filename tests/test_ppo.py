@@ -231,3 +231,118 @@ def test_a_fully_masked_batch_contributes_nothing(mode):
                               aggregation=mode, max_new_tokens=3)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logprobs.grad, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+def test_a_minibatch_loss_does_not_depend_on_its_split(mode):
+    """A 100-token and a 2-token response: one micro-batch, two micro-batches (normalized by the minibatch's
+    count), or two ranks (each with the all-reduced count, gradients averaged x world size) give one gradient."""
+    torch.manual_seed(0)
+    mask = torch.zeros(4, 100)
+    mask[0], mask[1, :2], mask[2, :50], mask[3, :7] = 1, 1, 1, 1
+    advantages, old = torch.randn(4, 100), torch.randn(4, 100) * 0.01
+    logprobs = (old + torch.randn(4, 100) * 0.1).requires_grad_()
+
+    def gradient(parts, world_size=1):
+        logprobs.grad = None
+        normalizer = sum(ppo.aggregation_count(mask[rows], mode, 100) for rows in parts)
+        for rows in parts:
+            loss, _ = ppo.policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], 0.2, aggregation=mode,
+                                      max_new_tokens=100, normalizer=normalizer)
+            (loss * world_size / world_size).backward()  # x world size, then the strategy's average over ranks
+        return logprobs.grad.clone()
+
+    whole = gradient([torch.arange(4)])
+    expected, _ = ppo.policy_loss(logprobs, old, advantages, mask, 0.2, aggregation=mode, max_new_tokens=100)
+    logprobs.grad = None
+    expected.backward()
+    torch.testing.assert_close(whole, logprobs.grad)
+    torch.testing.assert_close(gradient([torch.tensor([0, 1]), torch.tensor([2, 3])]), whole)  # micro-batches
+    torch.testing.assert_close(gradient([torch.tensor([0, 2]), torch.tensor([1, 3])], world_size=2), whole)  # ranks
+    if mode == "token_mean":  # every token weighs the same: 1 / 159 for the long and the short response alike
+        unclipped = mask.bool() & (whole != 0)
+        weights = whole[unclipped].abs() / advantages[unclipped].abs() / torch.exp(logprobs - old)[unclipped].detach()
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / 159))
+        assert unclipped[1].sum() == 2 and unclipped[0].sum() > 50
+
+
+def test_gspo_response_without_loss_tokens_has_a_finite_loss_and_gradient():
+    """reward.mask_truncated leaves a truncated response no loss tokens: its sequence ratio is 1, not 0/0."""
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    loss, stats = ppo.policy_loss(logprobs, torch.zeros(2, 3), torch.ones(2, 3), mask, 3e-4, 4e-4, sequence_level=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert loss.item() == pytest.approx(-1.0)  # the mean over the one response that has loss tokens
+    assert logprobs.grad[1].abs().sum() == 0
+
+
+def test_gspo_weighs_responses_alike_whatever_their_length():
+    """GSPO averages over responses: a 1-token and a 3-token response weigh 1/2 each (token_mean would give
+    1/4 and 3/4)."""
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = torch.tensor([[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]])
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = ppo.policy_loss(logprobs, old, advantages, mask, 0.2, sequence_level=True)  # token_mean asked for
+    assert loss.item() == pytest.approx(0.0)  # (-1 + 1) / 2
+    loss.backward()
+    # d/dlogp of -mean_i(A_i * s_i): the 1-token response's token -1/2; each of the 3 tokens 1/2 / 3
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.5, 0.0, 0.0], [1 / 6, 1 / 6, 1 / 6]]))
+
+
+def test_compute_rewards_uses_the_estimator_it_is_given():
+    logprobs, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]])
+    rewards, kl = ppo.compute_rewards(torch.tensor([2.0]), logprobs, ref, torch.ones(1, 2), 0.5, "k3")
+    expected_kl = torch.tensor([[math.exp(-1) - 1 + 1, 0.0]])  # k3 of d = 1, then d = 0
+    torch.testing.assert_close(kl, expected_kl)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.5 * expected_kl[0, 0].item(), 2.0]]))
+
+
+def test_gspo_ratio_is_the_geometric_mean_of_the_token_ratios():
+    """Token log-ratios 0.3 and 0.1 (and a padded one): the sequence ratio is exp(0.2), on both tokens."""
+    old = torch.zeros(1, 3)
+    logprobs = torch.tensor([[0.3, 0.1, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(logprobs, old, torch.ones(1, 3), mask, 0.5, sequence_level=True)
+    assert loss.item() == pytest.approx(-math.exp(0.2)) and stats["ratio"].item() == pytest.approx(math.exp(0.2))
+    loss.backward()  # d(-s)/d logp_t = -s / 2 for each real token, 0 for the padded one
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-math.exp(0.2) / 2] * 2 + [0.0]]))
+
+
+def test_token_weights_scale_each_tokens_term():
+    old, advantages, mask = torch.zeros(1, 3), torch.tensor([[1.0, -2.0, 1.0]]), torch.ones(1, 3)
+    weights = torch.tensor([[2.0, 0.5, 0.0]])
+    loss, _ = ppo.policy_loss(torch.zeros(1, 3), old, advantages, mask, 0.2, token_weights=weights)
+    assert loss.item() == pytest.approx((-1.0 * 2.0 + 2.0 * 0.5 + 0.0) / 3)
+
+
+def test_value_loss_clips_both_ways_and_takes_a_normalizer():
+    old, returns, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    values = torch.tensor([[0.5, -0.5]])  # moved 0.5 up and down, clip range 0.2: clipped to +-0.2
+    loss, stats = ppo.value_loss(values, old, returns, mask, 0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.8**2 + 0.8**2) / 2)  # the clipped errors are the larger ones
+    assert stats["clipfrac"].item() == 1.0
+    halved, _ = ppo.value_loss(values, old, returns, mask, 0.2, normalizer=torch.tensor(4.0))
+    assert halved.item() == pytest.approx(loss.item() / 2)
+
+
+def test_masked_var_needs_two_entries_and_entropy_is_per_row():
+    assert ppo.masked_var(torch.tensor([1.0, 3.0]), torch.ones(2)).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least two"):
+        ppo.masked_var(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0]))
+    logits = torch.tensor([[0.0, 0.0], [0.0, 100.0]])
+    torch.testing.assert_close(ppo.entropy_from_logits(logits), torch.tensor([math.log(2), 0.0]), atol=1e-6, rtol=0)
+
+
+def test_aggregation_counts_and_their_errors():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert ppo.aggregation_count(mask, "token_mean").item() == 3
+    assert ppo.aggregation_count(mask, "seq_mean_token_mean").item() == 2  # rows with a loss token
+    assert ppo.aggregation_count(mask, "seq_mean_token_sum").item() == 2
+    assert ppo.aggregation_count(mask, "seq_mean_token_sum_norm", 5).item() == 15
+    with pytest.raises(ValueError, match="needs generation.max_new_tokens > 0"):
+        ppo.aggregation_count(mask, "seq_mean_token_sum_norm", 0)
+    with pytest.raises(ValueError, match="loss_aggregation='mean'"):
+        ppo.aggregation_count(mask, "mean")
+    assert ppo.overlong_penalty(torch.tensor([12]), 10, 4, 1.0).item() == -1.0  # never beyond the full penalty

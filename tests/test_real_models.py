@@ -246,8 +246,8 @@ def test_gpu_recipe_dry_run_with_tiny_substitutes(recipe, policy, tmp_path):
                         "--model.reward.overlong_buffer=2"]
     else:
         substitutes += ["--model.reward.model_name_or_path=builtin:tiny-llama-classifier", f"--data.path={QUICKSTART_PROMPTS}"]
-    if not RUN_VLLM:
-        substitutes.append("--model.generation.engine=hf")  # the recipe as shipped samples with vLLM when it can
+    if not RUN_VLLM:  # the recipe as shipped samples with vLLM when it can; without it, hf and no engine correction
+        substitutes += ["--model.generation.engine=hf", "--model.ppo.rollout_correction=none"]
     result = run_cli(
         "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu", *substitutes,
         cwd=tmp_path,

@@ -58,22 +58,32 @@ def test_reward_config_names_the_sources_and_refuses_ambiguity():
 
 
 class _Scorer(BaseHTTPRequestHandler):
-    """A real local reward server: one point per word; "slow" completions make it miss the timeout once."""
+    """A real local reward server: one point per word of each completion, in order. ``failures`` lists how the
+    next calls fail: ``slow`` (misses the client's timeout), ``partial`` (closes the connection mid-body),
+    ``latin1`` (an answer that is not UTF-8), ``status`` (HTTP 500)."""
 
     calls = 0
+    bodies: list = []
+    failures: list = []
 
     def do_POST(self):
         type(self).calls += 1
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if "slow" in body["completions"] and type(self).calls == 1:
+        type(self).bodies.append(body)
+        failure = type(self).failures.pop(0) if type(self).failures else None
+        if failure == "slow":
             time.sleep(1.5)
-        answer = {"scores": [float(len(c.split())) for c in body["completions"]], "echo": body.get("answer")}
-        data = json.dumps(answer).encode()
-        self.send_response(200)
+        scores = [float(len(c.split())) for c in body["completions"]]
+        data = json.dumps({"scores": scores}).encode()
+        if failure == "latin1":
+            data = json.dumps({"scores": scores, "note": "café"}, ensure_ascii=False).encode("latin-1")
+        self.send_response(500 if failure == "status" else 200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(data) + (100 if failure == "partial" else 0)))
         self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(data[: len(data) // 2] if failure == "partial" else data)
+        if failure == "partial":
+            self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -84,20 +94,40 @@ def scorer_url():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Scorer.calls = 0
+    _Scorer.calls, _Scorer.bodies, _Scorer.failures = 0, [], []
     yield f"http://127.0.0.1:{server.server_address[1]}/score"
     server.shutdown()
 
 
-def test_http_scorer_answers_retries_after_a_timeout_and_fails_clearly(scorer_url):
+def test_http_scorer_sends_the_columns_and_keeps_the_order(scorer_url):
     reward = HTTPReward(scorer_url, timeout=5.0, retries=0)
-    assert reward(["p", "q"], ["a b c", "d"], {"answer": ["x", "y"]}) == [3.0, 1.0]
+    completions = ["a b c", "d", "e f", "g h i j"]
+    assert reward(["p", "q", "r", "s"], completions, {"answer": ["w", "x", "y", "z"]}) == [3.0, 1.0, 2.0, 4.0]
+    (body,) = _Scorer.bodies
+    assert body == {"prompts": ["p", "q", "r", "s"], "completions": completions, "answer": ["w", "x", "y", "z"]}
+
+
+@pytest.mark.parametrize("failure, said", [
+    ("slow", r"no answer within reward.timeout=0.5 s"),
+    ("partial", r"the connection closed in the middle of the answer \(\d+ bytes received\)"),
+    ("latin1", r"the answer is not valid UTF-8"),
+    ("status", r"the scorer answered HTTP 500"),
+])
+def test_http_scorer_retries_each_failure_then_names_it(failure, said, scorer_url):
     patient = HTTPReward(scorer_url, timeout=0.5, retries=1)
-    _Scorer.calls = 0
-    assert patient(["p"], ["slow"], {}) == [1.0]  # the first call timed out, the retry answered
+    _Scorer.failures = [failure]
+    assert patient(["p", "q"], ["one two", "three"], {}) == [2.0, 1.0]  # the retry answered
     assert _Scorer.calls == 2
+    _Scorer.failures = [failure, failure]
+    with pytest.raises(TrainingError, match=rf"reward.url='{scorer_url}': no valid answer after 2 tries; the last "
+                                            rf"one: {said}"):
+        patient(["p"], ["x"], {})
+
+
+def test_http_scorer_says_when_nobody_answers():
     dead = HTTPReward("http://127.0.0.1:9/score", timeout=0.5, retries=1)
-    with pytest.raises(TrainingError, match=r"reward.url='http://127.0.0.1:9/score': no valid answer after 2 tries"):
+    with pytest.raises(TrainingError, match=r"reward.url='http://127.0.0.1:9/score': no valid answer after 2 tries; "
+                                            r"the last one: the connection was refused"):
         dead(["p"], ["x"], {})
     with pytest.raises(ValueError, match="must start with http:// or https://"):
         HTTPReward("127.0.0.1:9")

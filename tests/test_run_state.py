@@ -12,6 +12,7 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -120,7 +121,7 @@ def test_signal_writes_checkpoint_and_run_resumes(signum, tmp_path):
         output, _ = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == (143 if signum == signal.SIGTERM else 1), output[-3000:]
+    assert process.returncode == (143 if signum == signal.SIGTERM else 130), output[-3000:]
     run_dir = tmp_path / "outputs" / "quickstart" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.exists(), output[-3000:]
@@ -196,9 +197,9 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_llama, tmp_path):
     module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, max_consecutive_skips=3))
     real_loss, calls = module.ppo_loss, {"n": 0}
 
-    def poisoned(rollout, index):
+    def poisoned(rollout, index, normalizers=None):
         calls["n"] += 1
-        loss, stats = real_loss(rollout, index)
+        loss, stats = real_loss(rollout, index, normalizers)
         return (loss * float("nan") if calls["n"] >= 3 else loss), stats  # minibatches 3, 4, 5 ... are NaN
 
     module.ppo_loss = poisoned
@@ -254,3 +255,72 @@ def test_sample_table_and_metrics_in_offline_wandb_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [path.name for path in (tmp_path / "lit-rlhf").iterdir()] == [run_dir.name]  # the same run folder
     assert {path.name.rsplit("-", 1)[-1] for path in (tmp_path / "wandb").glob("offline-run-*")} == {run_dir.name}
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+PROBES = {"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+COMPARED = ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "kl_coef", "lr"]
+
+
+def quickstart_metrics(cwd):
+    frame = pd.read_csv(cwd / "outputs" / "quickstart" / "version_0" / "metrics.csv")
+    return frame.dropna(subset=["objective/scores"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+    """The quickstart for 3 epochs (12 iterations) without a stop: the reference of the crash tests."""
+    cwd = tmp_path_factory.mktemp("three_epochs")
+    assert run_cli("fit", *QUICKSTART, "--trainer.max_epochs=3", cwd=cwd).returncode == 0
+    return quickstart_metrics(cwd)
+
+
+@pytest.mark.parametrize("crash", [
+    ["--trainer.callbacks+=run_probes.SignalAt", "--trainer.callbacks.batch=7", "--trainer.callbacks.signal_name=KILL"],
+    ["--model.reward.function=reward_fns:sentiment_failing_on_request"],
+], ids=["kill-9-after-the-epoch-checkpoint", "exception-in-the-reward"])
+def test_a_crashed_run_resumes_with_each_iteration_once_and_exactly(crash, three_epochs, tmp_path):
+    """kill -9 in iteration 7 (the last checkpoint is from iteration 4), or a reward that raises in iteration 7 (a
+    checkpoint of the state reached): after --ckpt_path last, metrics.csv holds every iteration once, steps 0-11
+    without a gap, and the values of the uninterrupted run."""
+    reward = [arg for arg in crash if arg.startswith("--model.reward")]
+    first = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=3", *crash, cwd=tmp_path,
+                    env={**PROBES, "REWARD_FAILS_AT": "7"})
+    assert first.returncode != 0
+    resumed = run_cli("fit", *QUICKSTART, "--trainer.max_epochs=3", *reward, "--ckpt_path", "last", cwd=tmp_path,
+                      env=PROBES)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    frame = quickstart_metrics(tmp_path)
+    assert frame["step"].tolist() == list(range(12))
+    pd.testing.assert_frame_equal(frame[COMPARED], three_epochs[COMPARED], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_applies_the_settings_of_the_command_line(tmp_path):
+    """--ckpt_path (last, or a file) with a new learning rate, KL coefficient and run length: what config.yaml
+    records is what runs, from the resumed iteration on (the schedule is the new run's, the KL coefficient the new
+    one); a checkpoint of another recipe is refused with the differences listed."""
+    assert run_cli("fit", *QUICKSTART, "--trainer.max_epochs=1", cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "outputs" / "quickstart" / "version_0"
+    saved = tmp_path / "after-epoch-1.ckpt"
+    saved.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    changes = ["--trainer.max_epochs=2", "--model.optimizer.lr=1e-5", "--model.ppo.kl_coef=0.5"]
+    for ckpt_path in ("last", str(saved)):
+        resumed = run_cli("fit", *QUICKSTART, *changes, "--ckpt_path", ckpt_path, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "Resuming with changed settings, applied from step 4 on" in resumed.stderr
+        frame = quickstart_metrics(tmp_path)
+        assert frame["step"].tolist() == list(range(8))
+        before, after = frame[:4], frame[4:]
+        assert (before["lr"] > 1e-4).all() and before["kl_coef"].tolist() == pytest.approx([0.025] * 4)
+        assert after["kl_coef"].tolist() == pytest.approx([0.5] * 4)
+        final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        total = 2 * 4 * 8  # 2 epochs of 4 iterations, at most 4 PPO epochs x 2 minibatches each
+        assert after["lr"].iloc[-1] == pytest.approx(1e-5 * (1 - final["global_step"] / total), rel=1e-4)
+        assert (after["lr"] <= 1e-5).all() and after["lr"].is_monotonic_decreasing
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["model"]["optimizer"]["lr"] == 1e-5 and config["model"]["ppo"]["kl_coef"] == 0.5
+    other = run_cli("fit", *QUICKSTART, "--model.reward.function=reward_fns:words", "--ckpt_path", str(saved),
+                    cwd=tmp_path, env=PROBES)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert ("written by a run of another recipe: model.reward.function: 'lit_rlhf.rewards:sentiment_lexicon' -> "
+            "'reward_fns:words'") in other.stderr

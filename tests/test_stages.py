@@ -12,6 +12,7 @@ from lit_rlhf.pairs import encode
 from lit_rlhf.reward_modeling import PreferenceDataModule, RewardModelModule
 from lit_rlhf.sft import SFTDataModule
 from lit_rlhf.tiny import build_word_tokenizer
+from health import assert_healthy
 from test_cli import run_cli
 
 
@@ -50,17 +51,66 @@ def test_sft_data_masks_completions_and_counts_drops(tmp_path):
                       batch_size=1).setup("fit")
 
 
-def test_sft_learns_the_last_assistant_turn_of_chat_messages(tmp_path):
+def chatml_checkpoint(path):
+    """A tiny checkpoint whose word tokenizer has a ChatML-style template: a turn ends with ``<|im_end|>`` (its
+    EOS, as SmolLM2's and Qwen2.5's) followed by a newline stand-in ``<nl>``, so the template's last token is not
+    the stop token."""
+    from lit_rlhf.tiny import save_tiny_checkpoint, vocabulary
+
+    save_tiny_checkpoint(path)
+    tokenizer = build_word_tokenizer(words=vocabulary() + ["<|im_start|>", "<|im_end|>", "<nl>", "user", "assistant"])
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} <nl> {{ m['content'] }} <|im_end|> <nl> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant <nl> {% endif %}"
+    )
+    tokenizer.save_pretrained(path)
+    import json as _json
+
+    config = _json.loads((path / "config.json").read_text())
+    config["vocab_size"] = len(tokenizer)
+    (path / "config.json").write_text(_json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("template", ["plain", "chatml"])
+def test_sft_learns_the_last_assistant_turn_of_chat_messages(template, tmp_path):
+    """The completion ends at its turn's end, PPO's stop token (the tokenizer's EOS): after "very good" the
+    plain template has no end-of-turn token, so EOS is added; ChatML's "<|im_end|> <nl>" is cut after
+    <|im_end|> (no stray "<nl> <|im_end|>" to learn, nothing PPO would never produce)."""
+    model = "builtin:tiny-llama" if template == "plain" else chatml_checkpoint(tmp_path / "chatml")
     conversation = [{"role": "user", "content": "the soup tasted"}, {"role": "assistant", "content": "very good"}]
-    data = SFTDataModule(write(tmp_path, "chat.jsonl", [{"messages": conversation}] * 2),
-                         tokenizer="builtin:tiny-llama", batch_size=2)
+    data = SFTDataModule(write(tmp_path, "chat.jsonl", [{"messages": conversation}] * 2), tokenizer=model,
+                         batch_size=2)
     data.setup("fit")
     pair = data.train_pairs[0]
-    tokenizer = build_word_tokenizer()
-    assert tokenizer.decode(pair.completion_ids).split() == ["very", "good", "<eos>"]
+    tokenizer = build_word_tokenizer() if template == "plain" else data_tokenizer(model)
+    expected = ["very", "good", "<eos>"] if template == "plain" else ["very", "good", "<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens(pair.completion_ids) == expected
+    assert pair.completion_ids[-1] == tokenizer.eos_token_id and pair.completion_ids.count(tokenizer.eos_token_id) == 1
     with pytest.raises(ValueError, match="the last message must be the assistant's answer"):
         SFTDataModule(write(tmp_path, "chat2.jsonl", [{"messages": conversation[:1]}] * 2),
-                      tokenizer="builtin:tiny-llama", batch_size=1).setup("fit")
+                      tokenizer=model, batch_size=1).setup("fit")
+
+
+def data_tokenizer(model):
+    from lit_rlhf.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def test_reward_model_pairs_end_where_ppo_responses_end(tmp_path):
+    """Chosen and rejected end at <|im_end|>, the position a PPO response of the same text ends at (ChatML)."""
+    model = chatml_checkpoint(tmp_path / "chatml")
+    turn = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    rows = [{"chosen": [turn("user", "my day"), turn("assistant", "very good")],
+             "rejected": [turn("user", "my day"), turn("assistant", "very bad")]}] * 2
+    data = PreferenceDataModule(write(tmp_path, "pairs.jsonl", rows), tokenizer=model, batch_size=2)
+    data.setup("fit")
+    tokenizer = data_tokenizer(model)
+    chosen, rejected, _ = data.train_pairs[0]
+    assert tokenizer.convert_ids_to_tokens(chosen.completion_ids) == ["very", "good", "<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens(rejected.completion_ids) == ["very", "bad", "<|im_end|>"]
 
 
 def test_preference_data_drops_ties_and_empty_answers_and_checks_margins(tmp_path):
@@ -106,9 +156,9 @@ def test_chain_sft_then_reward_model_then_ppo_offline(tmp_path):
     assert sft["val/loss"].dropna().iloc[-1] < sft["val/loss"].dropna().iloc[0]
     rm = pd.read_csv(tmp_path / "outputs" / "reward-model" / "version_0" / "metrics.csv")
     assert rm["val/accuracy"].dropna().iloc[-1] >= 0.85  # measured 0.913 (README)
-    ppo = pd.read_csv(tmp_path / "outputs" / "chain-ppo" / "version_0" / "metrics.csv")
-    scores = ppo["objective/scores"].dropna().tolist()
-    assert sum(scores[-10:]) / 10 > sum(scores[:10]) / 10 + 1.0
+    # PPO raises the reward model's score and stays varied (it collapsed onto "superb" before kl_coef 0.5 and
+    # the entropy bonus)
+    assert_healthy(tmp_path / "outputs" / "chain-ppo" / "version_0", score_gain=0.7, min_distinct_2=0.6)
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -151,3 +201,78 @@ def test_stage_gpu_recipe_dry_run_with_tiny_substitutes(recipe, tmp_path):
     assert b"train/loss" in log and b"val/" in log
     exported = tmp_path / "outputs" / name / ("model" if "sft" in recipe else "reward_model")
     assert (exported / "config.json").exists() and (exported / "tokenizer_config.json").exists()
+
+
+def stage_run(tmp_path, recipe, *args, expect=0):
+    """``lit-rlhf fit`` of a stage recipe for 2 epochs on the tiny model, one metrics row per step."""
+    result = run_cli(
+        "fit", "--config", os.path.join(REPO_ROOT, "recipes", f"{recipe}.yaml"), "--trainer.max_epochs=2",
+        "--trainer.log_every_n_steps=1", "--model.init_args.optimizer.scheduler=constant",
+        f"--data.init_args.path={os.path.join(REPO_ROOT, 'recipes', 'data', STAGE_DATA[recipe][0])}",
+        f"--data.init_args.val_path={os.path.join(REPO_ROOT, 'recipes', 'data', STAGE_DATA[recipe][1])}",
+        *STAGE_DATA[recipe][2:], *args, cwd=tmp_path, env={"PYTHONPATH": os.path.dirname(__file__)},
+    )
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+STAGE_DATA = {
+    "sft": ("chain_sft.jsonl", "chain_sft_val.jsonl"),
+    "reward-model": ("chain_preferences.jsonl", "chain_preferences_val.jsonl",
+                     "--model.init_args.backbone.model_name_or_path=builtin:tiny-llama"),
+}
+STAGE_METRICS = {"sft": ["train/loss", "val/loss", "val/perplexity"],
+                 "reward-model": ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/margin"]}
+PERIODIC = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": true, '
+            '"every_n_train_steps": 10}}, {"class_path": "lit_rlhf.callbacks.PreemptionCheckpoint"}]')
+
+
+def stage_metrics(tmp_path, recipe):
+    (run_dir,) = (tmp_path / "outputs" / recipe).glob("version_*")
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return frame[["step", *STAGE_METRICS[recipe]]].groupby("step").first().reset_index()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Each stage's recipe run without a stop: the reference of the resume tests."""
+    runs = {}
+    for recipe in STAGE_DATA:
+        runs[recipe] = tmp_path_factory.mktemp(recipe)
+        stage_run(runs[recipe], recipe)
+    return {recipe: stage_metrics(path, recipe) for recipe, path in runs.items()}
+
+
+@pytest.mark.parametrize("recipe, stop, resume", [
+    ("sft", ["--trainer.max_steps=30"], ["--trainer.max_steps=-1"]),
+    ("sft", ["--trainer.callbacks+=run_probes.SignalAt", "--trainer.callbacks.batch=31"], []),
+    ("sft", [f"--trainer.callbacks={PERIODIC}", "--trainer.callbacks+=run_probes.SignalAt",
+             "--trainer.callbacks.batch=35", "--trainer.callbacks.signal_name=KILL"], [f"--trainer.callbacks={PERIODIC}"]),
+    ("reward-model", ["--trainer.callbacks+=run_probes.SignalAt", "--trainer.callbacks.batch=31"], []),
+], ids=["sft-max_steps", "sft-sigterm", "sft-sigkill-after-periodic-checkpoint", "reward-model-sigterm"])
+def test_stage_resumes_exactly_like_the_uninterrupted_run(recipe, stop, resume, uninterrupted, tmp_path):
+    """Stopped (max_steps, SIGTERM mid-epoch, or killed 5 steps after a periodic checkpoint) and resumed with
+    --ckpt_path last: every metric of every step equals the uninterrupted run's, each step logged once."""
+    killed = "signal_name=KILL" in " ".join(stop)
+    stage_run(tmp_path, recipe, *stop, expect=-9 if killed else (143 if "SignalAt" in " ".join(stop) else 0))
+    stage_run(tmp_path, recipe, *resume, "--ckpt_path", "last")
+    resumed = stage_metrics(tmp_path, recipe)
+    pd.testing.assert_frame_equal(resumed, uninterrupted[recipe], rtol=1e-5, atol=1e-6)
+    (run_dir,) = (tmp_path / "outputs" / recipe).glob("version_*")
+    steps = pd.read_csv(run_dir / "metrics.csv")["step"]
+    assert steps.is_monotonic_increasing  # no row of the lost steps left behind
+
+
+def test_each_epoch_batches_pairs_in_its_own_order(tmp_path):
+    """Lightning sets the epoch where it looks for it (``batch_sampler.sampler``): without that, every epoch of an
+    SFT or reward-model run saw the same batches in the same order."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    data = SFTDataModule(os.path.join(REPO_ROOT, "recipes", "data", "chain_sft.jsonl"), tokenizer="builtin:tiny-llama",
+                         batch_size=16)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    first = list(loader.batch_sampler)
+    _set_sampler_epoch(loader, 1)  # what Lightning calls at the start of epoch 1
+    second = list(loader.batch_sampler)
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, []))

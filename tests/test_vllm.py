@@ -225,3 +225,62 @@ def test_ddp_ranks_drive_their_own_engines_in_sync(tmp_path):
     assert len(frame) == 3
     assert (frame["rollout/logprob_diff_max"] < 1e-3).all(), frame[SYNC]
     assert frame["objective/kl"].iloc[-1] > 0  # the policy moved, and the engines followed it
+
+
+@needs_vllm
+def test_engine_and_trainer_compare_like_for_like_under_top_k_and_top_p(engine, tiny_llama):
+    """vLLM's log-probs of its samples include the top-k/top-p renormalization; the trainer's filtered log-probs
+    (what the sync check and TIS compare them with) must too, or in-sync weights would read as a mismatch and
+    the TIS weight would be the kept probability mass instead of 1."""
+    from lit_rlhf.models import filtered_head_logprobs, response_hidden
+
+    policy = trained_policy(tiny_llama)
+    engine.sync(merged_policy_weights(policy.model))
+    tokens, engine_logprobs = engine.generate(PROMPTS, 16, 0.7, 20, 0.8, [], [1, 2, 3, 4])
+    plain = trainer_logprobs(policy, PROMPTS, tokens, 0.7)
+    assert largest_difference(engine_logprobs, plain) > 0.05  # temperature only: not what the engine reports
+    filtered = []
+    for prompt, response in zip(PROMPTS, tokens):
+        ids = torch.tensor([prompt + response])
+        out = policy(ids, torch.ones_like(ids), len(prompt), 0.7, sampling_filter=(20, 0.8))
+        filtered.append(out.filtered_logprobs[0].tolist())
+        torch.testing.assert_close(out.logprobs[0], torch.tensor(plain[len(filtered) - 1]))  # the ratio's are unchanged
+    assert largest_difference(engine_logprobs, filtered) < 1e-4
+    weights = truncated_importance_weights(torch.tensor(filtered), torch.tensor(engine_logprobs), 2.0)
+    torch.testing.assert_close(weights, torch.ones_like(weights), rtol=0, atol=1e-4)
+
+
+@needs_vllm
+def test_truncated_importance_weights_reach_the_loss(tmp_path):
+    """rollout_correction: tis: the rollout's weights are min(pi_trainer / pi_engine, cap) of the filtered
+    log-probs (about 1 for an engine in sync), and the policy loss weighs each token's clipped term by them."""
+    from lit_rlhf import PPOModule, PromptDataModule, SamplingConfig
+    from lit_rlhf.module import PPOConfig, RewardConfig
+    from lit_rlhf.ppo import aggregate
+
+    module = PPOModule(
+        policy=PolicyConfig("builtin:tiny-llama", lora_r=4), reward=RewardConfig(function="lit_rlhf.rewards:sentiment_lexicon"),
+        generation=SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.8, engine="vllm", gpu_memory_utilization=0.1),
+        ppo=PPOConfig(rollout_correction="tis", tis_cap=2.0, ppo_epochs=1, kl_coef=0.0),
+    )
+    module.configure_model()
+    data = PromptDataModule(os.path.join(os.path.dirname(TESTS_DIR), "recipes", "data", "sentiment_prompts.jsonl"),
+                            tokenizer="builtin:tiny-llama", batch_size=4, max_prompt_length=16)
+    data.setup("fit")
+    rolled = module.make_rollout(next(iter(data.train_dataloader())))
+    weights = rolled.token_weights[rolled.mask.bool()]
+    torch.testing.assert_close(weights, torch.ones_like(weights), rtol=0, atol=1e-3)  # in sync: about 1
+
+    generator = torch.Generator().manual_seed(0)
+    rolled.token_weights = torch.rand(rolled.mask.shape, generator=generator) * 2 * rolled.mask  # far from 1
+    rows = torch.arange(4)
+    module.policy.train()
+    _, stats = module.ppo_loss(rolled, rows)
+    loss = stats["loss/policy_avg"]  # the clipped surrogate (the value loss is added to it)
+    out = module.policy(rolled.query_responses, rolled.attention_mask, rolled.context_length, 0.7)
+    ratio = torch.exp(out.logprobs - rolled.logprobs)
+    per_token = torch.max(-rolled.advantages * ratio, -rolled.advantages * ratio.clamp(0.8, 1.2))
+    expected = aggregate(per_token * rolled.token_weights, rolled.mask)
+    unweighted = aggregate(per_token, rolled.mask)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(expected, unweighted, rtol=1e-3)
