@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -40,6 +41,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                from lit_rlhf.errors import TrainingError
+
+                raise TrainingError(
+                    f"No space left on the device to write the checkpoint {path} ({err.strerror}): free some space or "
+                    "move the run (--trainer.default_root_dir); the previous checkpoint there is intact"
+                ) from err
+            raise
         finally:
             temporary.unlink(missing_ok=True)
 

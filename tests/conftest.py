@@ -6,6 +6,10 @@ import warnings
 
 import pytest
 
+# One torch thread per test process: the suite runs in two worker processes (pytest-xdist, see pyproject), and
+# two processes each spinning as many OpenMP threads as there are cores slow each other down many times. The
+# runs the tests launch (lit-rlhf fit) inherit it; the tests of the thread choice set it themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -189,7 +189,7 @@ def test_gradient_accumulation_splits_minibatches_into_micro_batches(tiny_llama,
     module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, gradient_accumulation_steps=2))
     sizes = []
     real_loss = module.ppo_loss
-    module.ppo_loss = lambda rollout, index: (sizes.append(len(index)), real_loss(rollout, index))[1]
+    module.ppo_loss = lambda rollout, index, *rest: (sizes.append(len(index)), real_loss(rollout, index, *rest))[1]
     fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=1, callbacks=[counter])
     assert counter.steps == 2 * 2 and counter.backwards == 2 * 2 * 2
     assert sizes == [2] * 8  # batch 8 -> minibatches of 4 -> micro-batches of 2

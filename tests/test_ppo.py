@@ -346,3 +346,18 @@ def test_aggregation_counts_and_their_errors():
     with pytest.raises(ValueError, match="loss_aggregation='mean'"):
         ppo.aggregation_count(mask, "mean")
     assert ppo.overlong_penalty(torch.tensor([12]), 10, 4, 1.0).item() == -1.0  # never beyond the full penalty
+
+
+def test_gspo_ratio_is_per_response():
+    """Two responses (2 tokens and 1 token) with their own sequence ratios, not the batch's."""
+    logprobs = torch.tensor([[0.2, 0.4], [0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    _, stats = ppo.policy_loss(logprobs, torch.zeros(2, 2), torch.ones(2, 2), mask, 10.0, sequence_level=True)
+    # ratios exp(0.3) on both tokens of the first response, exp(0.5) on the one token of the second
+    assert stats["ratio"].item() == pytest.approx((2 * math.exp(0.3) + math.exp(0.5)) / 3)
+
+
+def test_adaptive_kl_controller_moves_by_the_relative_error():
+    controller = ppo.AdaptiveKLController(0.1, target=4.0, horizon=10)
+    controller.update(current_kl=4.4, n_steps=1)  # 10% above target: coef x (1 + 0.1 / 10)
+    assert controller.value == pytest.approx(0.1 * 1.01)

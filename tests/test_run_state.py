@@ -1,5 +1,6 @@
 """Run state: exact resume, checkpoints on signals, atomic writes, the non-finite guard, W&B offline."""
 
+import errno
 import glob
 import json
 import os
@@ -180,9 +181,22 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"step": 2}, path)
-    monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+
+    def full(obj, file):  # a full disk: a one-line error naming the checkpoint and what to do
+        file.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    from lit_rlhf.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"No space left on the device to write the checkpoint .*last.ckpt .*"
+                                            r"the previous checkpoint there is intact"):
+        io.save_checkpoint({"step": 3}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
 def test_module_installs_atomic_checkpoint_io(tiny_llama, tmp_path):

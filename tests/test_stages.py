@@ -261,6 +261,8 @@ def test_stage_resumes_exactly_like_the_uninterrupted_run(recipe, stop, resume, 
     (run_dir,) = (tmp_path / "outputs" / recipe).glob("version_*")
     steps = pd.read_csv(run_dir / "metrics.csv")["step"]
     assert steps.is_monotonic_increasing  # no row of the lost steps left behind
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # plain data, no pickled classes
+    assert all("lora_" in name or "score" in name for name in checkpoint["state_dict"])  # the trained weights only
 
 
 def test_each_epoch_batches_pairs_in_its_own_order(tmp_path):

@@ -32,7 +32,7 @@ def rows(count: int, low: int, high: int, phrasings: list[str], seed: int) -> li
 
 def main() -> None:
     folder = Path(__file__).parent
-    for name, data in (("arithmetic.jsonl", rows(384, 10, 59, TRAIN_PHRASINGS, seed=0)),
+    for name, data in (("arithmetic.jsonl", rows(288, 10, 59, TRAIN_PHRASINGS, seed=0)),
                        ("arithmetic_val.jsonl", rows(48, 60, 99, HELD_OUT_PHRASINGS, seed=1))):
         (folder / name).write_text("".join(json.dumps(row) + "\n" for row in data))
 
