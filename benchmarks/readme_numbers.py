@@ -3,7 +3,7 @@ run folders, and prints Markdown tables with the machine, the thread count, the 
 
     python benchmarks/readme_numbers.py                         # every section (about two hours on 2 CPU cores)
     python benchmarks/readme_numbers.py --sections quickstart grpo chain
-    python benchmarks/readme_numbers.py --sections smollm2 --seeds 0 1 2
+    python benchmarks/readme_numbers.py --sections smollm2 --seeds 0 1 2 --smollm2 grpo
 
 Sections: quickstart (PPO, seeds), grpo (GRPO quickstart, seeds), chain (SFT -> reward model -> PPO), critic
 (shared head against adapter critic on the quickstart), vllm (both quickstarts on the vLLM engine, when vLLM is
@@ -184,9 +184,9 @@ def critic(root: Path, seeds: list[int]) -> str:
     return table(["critic", "seed", "score (last 10%)", "value loss", "KL, nats", "distinct-2", "wall clock"], rows)
 
 
-def smollm2(root: Path, seeds: list[int]) -> str:
+def smollm2(root: Path, seeds: list[int], algorithms: list[str]) -> str:
     rows, samples = [], []
-    for recipe in ("smollm2-grpo-arithmetic", "smollm2-ppo-arithmetic"):
+    for recipe in (f"smollm2-{algorithm}-arithmetic" for algorithm in algorithms):
         for seed in seeds:
             workdir = root / f"{recipe}-{seed}"
             seconds = fit(workdir, "--config", f"recipes/{recipe}.yaml", f"--seed_everything={seed}")
@@ -225,6 +225,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--smollm2", nargs="+", choices=["grpo", "ppo"], default=["grpo", "ppo"],
+                        help="the real-model recipes of the smollm2 section")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="readme_numbers_"))
@@ -248,7 +250,7 @@ def main() -> int:
             print()
             print(grpo(root, args.seeds[:1], "--model.generation.engine=vllm", name="vllm-grpo"))
         elif section == "smollm2":
-            print(smollm2(root, args.seeds))
+            print(smollm2(root, args.seeds, args.smollm2))
         elif section == "ppo-benchmark":
             print(benchmark("ppo_benchmark.py"))
         elif section == "grpo-benchmark":
