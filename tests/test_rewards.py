@@ -27,6 +27,12 @@ def test_math_answer_compares_values_not_strings():
     assert rewards.math_answer(["q"] * 4, completions, ["0.5", "1/2", "8", "3"]) == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_last_number_match_reads_the_completions_last_number():
+    completions = ["7 + 5 = 12.", "The sum is 1,234", "12 apples and 3 pears", "Let me think", "-4", "12.5", "x = 12,"]
+    answers = [12, "1234", 12, 0, -4, 12, 12]
+    assert rewards.last_number_match(["p"] * 7, completions, answers) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+
+
 def test_format_match_checks_the_whole_completion():
     pattern = r"<think>.*</think>\s*\S+"
     assert rewards.format_match(["p"] * 3, ["<think>a b</think> 42", "42", "<think>x</think>"], pattern) == [1.0, 0.0, 0.0]

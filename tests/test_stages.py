@@ -210,7 +210,8 @@ def stage_run(tmp_path, recipe, *args, expect=0):
         "--trainer.log_every_n_steps=1", "--model.init_args.optimizer.scheduler=constant",
         f"--data.init_args.path={os.path.join(REPO_ROOT, 'recipes', 'data', STAGE_DATA[recipe][0])}",
         f"--data.init_args.val_path={os.path.join(REPO_ROOT, 'recipes', 'data', STAGE_DATA[recipe][1])}",
-        *STAGE_DATA[recipe][2:], *args, cwd=tmp_path, env={"PYTHONPATH": os.path.dirname(__file__)},
+        *STAGE_DATA[recipe][2:], *args, cwd=tmp_path,
+        env={"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
     assert result.returncode == expect, result.stderr[-3000:]
     return result
