@@ -58,9 +58,10 @@ def fit(workdir: Path, *args: str, timeout: int = 3600) -> float:
                             text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if result.returncode != 0:
         raise RuntimeError(f"lit-rlhf fit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    seconds = time.perf_counter() - started
     threads = next((line for line in (result.stdout + result.stderr).splitlines() if "CPU threads per process" in line), "")
-    print(f"  ran {' '.join(args)} in {time.perf_counter() - started:.0f} s; {threads.strip()}", file=sys.stderr)
-    return time.perf_counter() - started
+    print(f"  ran {' '.join(args)} in {seconds:.0f} s; {threads.strip()}", file=sys.stderr)
+    return seconds
 
 
 def run_folder(workdir: Path, name: str) -> Path:

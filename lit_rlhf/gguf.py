@@ -47,16 +47,15 @@ def is_gguf(name_or_path: str) -> bool:
     return name_or_path.lower().endswith(".gguf")
 
 
-def converted_checkpoint(gguf_file: str | os.PathLike, cache: Path, name: str | None = None) -> str:
+def converted_checkpoint(gguf_file: str | os.PathLike, cache: Path) -> str:
     """The plain checkpoint folder of ``gguf_file`` in ``cache``, converted on first use (atomically: concurrent
-    runs and ranks never see half a folder). ``name`` names the folder; by default the file's name and identity."""
+    runs and ranks never see half a folder). The folder is named by the file's name and identity."""
     gguf_file = Path(gguf_file).expanduser().absolute()
     if not gguf_file.is_file():
         raise ConfigError(f"model_name_or_path={str(gguf_file)!r}: no such GGUF file")
-    if name is None:
-        stat = gguf_file.stat()
-        identity = hashlib.sha1(f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        name = f"gguf-{gguf_file.stem}-{identity}"
+    stat = gguf_file.stat()
+    identity = hashlib.sha1(f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = f"gguf-{gguf_file.stem}-{identity}"
     target = cache / f"{name}-{_CONVERSION_VERSION}"
     if (target / "config.json").exists():
         return str(target)

@@ -162,7 +162,7 @@ def resolve_model_path(name_or_path: str, field: str = "model_name_or_path") -> 
         return gguf.converted_checkpoint(name_or_path, cache_dir()) if gguf.is_gguf(name_or_path) else name_or_path
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name == gguf.SMOLLM2:
-        return gguf.converted_checkpoint(gguf.smollm2_gguf(), cache_dir())  # the same folder as the file's path
+        return gguf.converted_checkpoint(gguf.smollm2_gguf(), cache_dir())  # the folder the file's path converts to
     parts = name.split("-")
     if len(parts) not in (2, 3) or parts[0] != "tiny" or (len(parts) == 3 and parts[2] != "classifier"):
         raise ConfigError(
