@@ -140,10 +140,28 @@ def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> 
     return getattr(config, "max_position_embeddings", None)
 
 
+def keep_4bit_layers_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
+
+    On a CPU with AVX512-BF16, the first forward of a 4-bit layer in eval mode without gradients repacks its
+    weights, and from then on every forward, in training too, runs ``gemv_4bit``, which has no backward: the
+    gradients through the frozen base (to every LoRA weight below it) come out silently wrong. Without the
+    repacking the layer dequantizes and multiplies, differentiably, in every mode.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def _load_pretrained(auto_cls, name_or_path: str, field_name: str, **kwargs) -> "transformers.PreTrainedModel":
     path = resolve_model_path(name_or_path, field_name)
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        model = auto_cls.from_pretrained(path, **kwargs)
+        keep_4bit_layers_differentiable(model)
+        return model
     except OSError as err:
         hint = "" if os.path.isdir(path) else " (no such local folder)"
         raise ConfigError(

@@ -94,6 +94,34 @@ def test_quantized_layers_compute_the_same_in_rollouts_and_ppo_passes():
     assert stats["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_4bit_lora_gradients_are_exact_after_an_inference_pass():
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without a backward at the first eval-mode,
+    no-grad forward (a rollout, a reference pass); afterwards the LoRA gradients must still be those of a model
+    that never ran one (they were off by as much as their own size)."""
+    pytest.importorskip("bitsandbytes")
+
+    def lora_grads(inference_first: bool) -> dict:
+        torch.manual_seed(0)
+        config = PolicyConfig("builtin:tiny-llama", quantization="4bit")
+        model, _ = models.add_lora(models.load_causal_lm(config.model_name_or_path, quantization="4bit"), config)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so that gradients flow through every adapter
+                torch.nn.init.normal_(parameter, std=0.1)
+        ids = torch.randint(5, 200, (4, 8))
+        if inference_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_inference = lora_grads(False), lora_grads(True)
+    assert fresh.keys() == after_inference.keys()
+    for name in fresh:
+        torch.testing.assert_close(after_inference[name], fresh[name], msg=name)
+
+
 def test_quantized_separate_reference_and_reward(tmp_path):
     L.seed_everything(0)
     module = make_module(
