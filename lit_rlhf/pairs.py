@@ -115,6 +115,15 @@ def right_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.
     return ids, mask
 
 
+def padded_pairs(pairs: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (right padding) and ``completion_mask`` (each row's completion tokens)."""
+    ids, mask = right_pad([pair.ids for pair in pairs], pad_token_id)
+    completion = torch.zeros_like(mask)
+    for row, pair in enumerate(pairs):
+        completion[row, len(pair.prompt_ids) : len(pair)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+
+
 class LengthGroupedSampler(Sampler[list[int]]):
     """Batches of rows of similar length, in a random order: little padding, no bias toward short rows.
 

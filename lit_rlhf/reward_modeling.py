@@ -35,7 +35,7 @@ from lit_rlhf.pairs import (
     PairsDataModule,
     encode,
     fit_length,
-    right_pad,
+    padded_pairs,
     split_messages,
 )
 from lit_rlhf.stage import AdapterStage
@@ -156,9 +156,10 @@ class PreferenceDataModule(PairsDataModule):
         return pairs
 
     def collate(self, pairs: list[tuple[Encoded, Encoded, float]]) -> dict[str, Tensor]:
-        """Chosen rows first, then rejected ones, right-padded together (one forward scores both)."""
-        ids, mask = right_pad([p[0].ids for p in pairs] + [p[1].ids for p in pairs], self.pad_token_id)
-        return {"input_ids": ids, "attention_mask": mask, "margin": torch.tensor([p[2] for p in pairs])}
+        """Chosen rows first, then rejected ones, right-padded together (one forward scores both); the
+        completion mask marks each row's completion tokens (what DPO's log-probs sum over)."""
+        batch = padded_pairs([p[0] for p in pairs] + [p[1] for p in pairs], self.pad_token_id)
+        return {**batch, "margin": torch.tensor([p[2] for p in pairs])}
 
     def _length(self, pair: tuple[Encoded, Encoded, float]) -> int:
         return max(len(pair[0]), len(pair[1]))

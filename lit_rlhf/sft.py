@@ -27,7 +27,7 @@ from lit_rlhf.pairs import (
     PairsDataModule,
     encode,
     fit_length,
-    right_pad,
+    padded_pairs,
     split_messages,
 )
 from lit_rlhf.stage import AdapterStage
@@ -111,11 +111,7 @@ class SFTDataModule(PairsDataModule):
         return pairs
 
     def collate(self, pairs: list) -> dict[str, Tensor]:
-        ids, mask = right_pad([p.ids for p in pairs], self.pad_token_id)
-        completion = torch.zeros_like(mask)
-        for row, pair in enumerate(pairs):
-            completion[row, len(pair.prompt_ids) : len(pair)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+        return padded_pairs(pairs, self.pad_token_id)
 
     def _window_batches(self, shuffle: bool) -> int:
         return 50 if self.hparams.group_by_length or not shuffle else 1

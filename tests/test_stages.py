@@ -1,4 +1,5 @@
-"""The SFT and reward-model stages: data handling, losses, the offline chain SFT -> RM -> PPO, GPU recipes."""
+"""The SFT, reward-model and DPO stages: data handling, losses, the offline chain SFT -> RM -> PPO, GPU recipes,
+exact resume."""
 
 import json
 import os
@@ -172,7 +173,7 @@ def test_chain_sft_then_reward_model_then_ppo_offline(tmp_path):
     assert good > bad
 
 
-STAGE_GPU_RECIPES = ["qwen2.5-0.5b-sft.yaml", "qwen2.5-0.5b-reward-model.yaml"]
+STAGE_GPU_RECIPES = ["qwen2.5-0.5b-sft.yaml", "qwen2.5-0.5b-reward-model.yaml", "qwen2.5-0.5b-dpo.yaml"]
 
 
 @pytest.mark.parametrize("recipe", STAGE_GPU_RECIPES)
@@ -187,7 +188,8 @@ def test_stage_gpu_recipe_dry_run_with_tiny_substitutes(recipe, tmp_path):
     else:
         rows = [{"prompt": p["prompt"], "chosen": [turn("user", p["prompt"]), turn("assistant", p["chosen"])],
                  "rejected": [turn("user", p["prompt"]), turn("assistant", p["rejected"])]} for p in pairs]
-        model = ["--model.init_args.backbone.model_name_or_path=builtin:tiny-qwen2"]
+        field = "backbone" if "reward" in recipe else "policy"
+        model = [f"--model.init_args.{field}.model_name_or_path=builtin:tiny-qwen2"]
     data = write(tmp_path, "data.jsonl", rows)
     result = run_cli(
         "fit", "--config", os.path.join(REPO_ROOT, "recipes", recipe), "--trainer.accelerator=cpu", *model,
@@ -199,7 +201,9 @@ def test_stage_gpu_recipe_dry_run_with_tiny_substitutes(recipe, tmp_path):
     name = recipe.removesuffix(".yaml")
     log = next((tmp_path / "outputs" / name / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert b"train/loss" in log and b"val/" in log
-    exported = tmp_path / "outputs" / name / ("model" if "sft" in recipe else "reward_model")
+    if "dpo" in recipe:
+        assert b"rewards/accuracies" in log and b"val/rewards/margins" in log
+    exported = tmp_path / "outputs" / name / ("reward_model" if "reward" in recipe else "model")
     assert (exported / "config.json").exists() and (exported / "tokenizer_config.json").exists()
 
 
@@ -221,9 +225,13 @@ STAGE_DATA = {
     "sft": ("chain_sft.jsonl", "chain_sft_val.jsonl"),
     "reward-model": ("chain_preferences.jsonl", "chain_preferences_val.jsonl",
                      "--model.init_args.backbone.model_name_or_path=builtin:tiny-llama"),
+    "dpo": ("chain_preferences.jsonl", "chain_preferences_val.jsonl",
+            "--model.init_args.policy.model_name_or_path=builtin:tiny-llama"),
 }
 STAGE_METRICS = {"sft": ["train/loss", "val/loss", "val/perplexity"],
-                 "reward-model": ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/margin"]}
+                 "reward-model": ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/margin"],
+                 "dpo": ["train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "val/loss",
+                         "val/rewards/accuracies"]}
 PERIODIC = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": true, '
             '"every_n_train_steps": 10}}, {"class_path": "lit_rlhf.callbacks.PreemptionCheckpoint"}]')
 
@@ -250,7 +258,8 @@ def uninterrupted(tmp_path_factory):
     ("sft", [f"--trainer.callbacks={PERIODIC}", "--trainer.callbacks+=run_probes.SignalAt",
              "--trainer.callbacks.batch=35", "--trainer.callbacks.signal_name=KILL"], [f"--trainer.callbacks={PERIODIC}"]),
     ("reward-model", ["--trainer.callbacks+=run_probes.SignalAt", "--trainer.callbacks.batch=31"], []),
-], ids=["sft-max_steps", "sft-sigterm", "sft-sigkill-after-periodic-checkpoint", "reward-model-sigterm"])
+    ("dpo", ["--trainer.callbacks+=run_probes.SignalAt", "--trainer.callbacks.batch=31"], []),
+], ids=["sft-max_steps", "sft-sigterm", "sft-sigkill-after-periodic-checkpoint", "reward-model-sigterm", "dpo-sigterm"])
 def test_stage_resumes_exactly_like_the_uninterrupted_run(recipe, stop, resume, uninterrupted, tmp_path):
     """Stopped (max_steps, SIGTERM mid-epoch, or killed 5 steps after a periodic checkpoint) and resumed with
     --ckpt_path last: every metric of every step equals the uninterrupted run's, each step logged once."""
