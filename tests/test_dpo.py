@@ -92,6 +92,19 @@ def test_completion_logps_match_a_plain_log_softmax_over_the_completion():
         assert lengths[row].item() == len(pair.completion_ids)
 
 
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_makes_the_log_probs_of_a_pair_repeatable(disable):
+    """TRL's default: dropout off (LoRA's too), so the policy's log-probs of a pair are the same in every pass."""
+    data = tiny_data()
+    batch = data.collate(data.train_pairs[:4])
+    module = tiny_module(policy=ModelConfig(model_name_or_path="builtin:tiny-llama", lora_dropout=0.5),
+                         disable_dropout=disable)
+    module.configure_model()
+    module.model.train()
+    first, second = (module.completion_logps(module.model, batch)[0] for _ in range(2))
+    assert torch.equal(first, second) == disable
+
+
 def fit(module, data, steps=3):
     losses = []
 
