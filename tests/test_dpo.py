@@ -306,3 +306,26 @@ def test_task_accuracy_scores_greedy_answers_cut_at_the_stop_token(tmp_path):
     assert answers[0]["completion"] == answers[2]["completion"]  # greedy: the same prompt, the same answer
     assert all("<eos>" not in a["completion"] and len(a["completion"].split()) <= 5 for a in answers)
     assert accuracy == pytest.approx(sum(len(a["completion"].split()) for a in answers) / 6)  # words() counts them
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
+def test_training_step_uses_the_data_margin_and_gamma(loss, tmp_path):
+    """The module hands the batch's margins (``data.margin_field``) and ``gamma`` (SimPO) to the loss."""
+    rows = [{"prompt": "the soup tasted", "chosen": "very good", "rejected": "very bad", "margin": 1.5},
+            {"prompt": "my day was", "chosen": "great", "rejected": "awful", "margin": 0.5}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = PreferenceDataModule(str(path), margin_field="margin", tokenizer="builtin:tiny-llama", batch_size=2)
+    data.setup("fit")
+    batch = data.collate(data.train_pairs)
+    module = tiny_module(loss=loss, beta=2.0, gamma=0.3)
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None
+    logps, lengths = module.completion_logps(module.model, batch)
+    chosen, rejected = logps.chunk(2)
+    reference = module.reference_logps(batch).chunk(2) if loss == "sigmoid" else (None, None)
+    expected = preference_loss(loss, 2.0, chosen, rejected, *reference, *lengths.chunk(2), gamma=0.3,
+                               margin=torch.tensor([1.5, 0.5])).losses.mean()
+    without = preference_loss(loss, 2.0, chosen, rejected, *reference, *lengths.chunk(2)).losses.mean()
+    assert module._step(batch, "train").item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(expected.item() - without.item()) > 0.1
