@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from lit_rlhf.checkpoints import as_config, plain_hyperparameters
 from lit_rlhf.configs import OptimizerConfig, ReferenceConfig
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import ModelConfig, freeze, load_causal_lm, next_token_logprobs
+from lit_rlhf.models import ModelConfig, load_frozen_reference, next_token_logprobs
 from lit_rlhf.models import disable_dropout as zero_dropout
 from lit_rlhf.reward_modeling import PreferenceDataModule
 from lit_rlhf.stage import AdapterStage
@@ -175,11 +175,6 @@ class DPOModule(AdapterStage):
             raise ConfigError("data.init_args.margin_field is set but loss ipo has no margin term: remove it or use "
                               "loss sigmoid or simpo (the margin is subtracted from their logits)")
 
-    def load_base(self, device: Any) -> Any:
-        cfg = self.config
-        return load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, "policy.model_name_or_path",
-                              cfg.quantization, device)
-
     def configure_model(self) -> None:
         """The trained model (see ``AdapterStage``), and the separate reference when there is one: the checkpoint
         ``reference.model_name_or_path``, or a frozen copy of the base when every weight trains."""
@@ -193,12 +188,9 @@ class DPOModule(AdapterStage):
         ref_cfg, cfg = self.reference_config, self.config
         if ref_cfg.model_name_or_path is not None or self.full_finetune:
             device = self._trainer.strategy.root_device if self._trainer is not None else None
-            path = ref_cfg.model_name_or_path or cfg.model_name_or_path
-            reference = load_causal_lm(path, cfg.dtype, cfg.trust_remote_code, "reference.model_name_or_path",
-                                       ref_cfg.quantization, device)
-            if device is not None and not ref_cfg.quantization:  # no strategy moves it (quantized: loaded there)
-                reference = reference.to(device)
-            self._frozen["reference"] = freeze(reference).eval()
+            self._frozen["reference"] = load_frozen_reference(ref_cfg.model_name_or_path or cfg.model_name_or_path,
+                                                              cfg.dtype, cfg.trust_remote_code, ref_cfg.quantization,
+                                                              device)
 
     def completion_logps(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed log-probs of every row's completion under ``model``, and the completions' lengths."""

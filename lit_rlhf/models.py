@@ -214,6 +214,16 @@ def load_causal_lm(
     )
 
 
+def load_frozen_reference(
+    name_or_path: str, dtype: DType, trust_remote_code: bool, quantization: Quantization, device: Optional[torch.device],
+) -> "transformers.PreTrainedModel":
+    """A separate frozen reference model (``reference.model_name_or_path``) on ``device``: it lives outside the
+    module tree, so no strategy moves it (a quantized one is loaded onto the device)."""
+    reference = freeze(load_causal_lm(name_or_path, dtype, trust_remote_code, "reference.model_name_or_path",
+                                      quantization, device))
+    return reference.to(device) if device is not None and not quantization else reference
+
+
 def default_lora_targets(model: "transformers.PreTrainedModel") -> list[str]:
     """The LoRA targets for ``model``'s architecture, or an error listing the module names it has."""
     model_type = getattr(model.config, "model_type", None)

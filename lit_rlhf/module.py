@@ -41,9 +41,8 @@ from lit_rlhf.models import (
     ResponseOutput,
     SequenceClassifierReward,
     disable_dropout,
-    freeze,
     init_value_head_from_reward,
-    load_causal_lm,
+    load_frozen_reference,
     load_generation_config,
     load_policy,
     load_tokenizer,
@@ -189,12 +188,9 @@ class PPOModule(ExactResume, L.LightningModule):
                 f"embedding has only {vocab_size} rows: use the tokenizer saved with that checkpoint"
             )
         if reference_cfg.model_name_or_path is not None and self.uses_reference:
-            reference = freeze(load_causal_lm(
+            self._frozen_models["reference"] = load_frozen_reference(
                 reference_cfg.model_name_or_path, policy_cfg.dtype, policy_cfg.trust_remote_code,
-                field_name="reference.model_name_or_path", quantization=reference_cfg.quantization, device=device,
-            ))
-            # kept outside the module tree, so no strategy moves it (a quantized one is loaded onto the device)
-            self._frozen_models["reference"] = reference.to(device) if device and not reference_cfg.quantization else reference
+                reference_cfg.quantization, device)
         sources = []
         for term in reward_cfg.terms():
             if term.model_name_or_path is not None:

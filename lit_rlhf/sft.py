@@ -20,7 +20,6 @@ from lit_rlhf.data import load_table, require_column
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import (
     ModelConfig,
-    load_causal_lm,
     next_token_logprobs,
 )
 from lit_rlhf.pairs import (
@@ -150,11 +149,6 @@ class SFTModule(AdapterStage):
         self.optimizer_config, self.export_dir = optimizer, export_dir
         self.model = None
         self._val_sums: Optional[Tensor] = None
-
-    def load_base(self, device: Any) -> Any:
-        cfg = self.config
-        return load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, "policy.model_name_or_path",
-                              cfg.quantization, device)
 
     def completion_nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed negative log-likelihood of the learnt tokens, and how many there are."""

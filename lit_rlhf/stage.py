@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_rlhf.checkpoints import ExactResume
 from lit_rlhf.configs import optimizer_and_schedule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import add_lora, enable_gradient_checkpointing, load_tokenizer
+from lit_rlhf.models import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 
 
 class AdapterStage(ExactResume, L.LightningModule):
@@ -39,8 +39,11 @@ class AdapterStage(ExactResume, L.LightningModule):
                 f"model.full_finetune cannot train quantized weights: set {self.config_field}.quantization: null")
 
     def load_base(self, device: Any) -> Any:
-        """The frozen base model of ``self.config`` on ``device``."""
-        raise NotImplementedError
+        """The frozen base model of ``self.config`` on ``device``: a causal LM (the reward model loads a
+        sequence classifier instead)."""
+        cfg = self.config
+        return load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code, "policy.model_name_or_path",
+                              cfg.quantization, device)
 
     def configure_model(self) -> None:
         """Load the tokenizer and the base, then add the LoRA adapter (or train every weight)."""
