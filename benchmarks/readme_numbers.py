@@ -140,6 +140,14 @@ def grpo(root: Path, seeds: list[int], *extra: str, name: str = "grpo") -> str:
     return table(header + ["largest engine/trainer log-prob difference"] * (len(rows[0]) - len(header)), rows)
 
 
+def chain_run(run: Path, workdir: Path) -> Path:
+    """A run folder whose ``outputs/chain`` is the one the chain's earlier stages wrote in ``workdir``."""
+    (run / "outputs").mkdir(parents=True, exist_ok=True)
+    if not (run / "outputs" / "chain").exists():
+        (run / "outputs" / "chain").symlink_to(workdir / "outputs" / "chain")
+    return run
+
+
 def chain(root: Path, seeds: list[int]) -> str:
     workdir = root / "chain"
     sft_seconds = fit(workdir, "--config", "recipes/sft.yaml")
@@ -156,10 +164,7 @@ def chain(root: Path, seeds: list[int]) -> str:
     ]
     rows = []
     for seed in seeds:
-        run = root / f"chain-ppo-{seed}"
-        (run / "outputs").mkdir(parents=True, exist_ok=True)
-        if not (run / "outputs" / "chain").exists():
-            (run / "outputs" / "chain").symlink_to(workdir / "outputs" / "chain")
+        run = chain_run(root / f"chain-ppo-{seed}", workdir)
         seconds = fit(run, "--config", "recipes/chain-ppo.yaml", f"--seed_everything={seed}")
         folder = run_folder(run, "chain-ppo")
         frame = training(folder)
@@ -223,10 +228,7 @@ def dpo(root: Path, seeds: list[int], real_model: bool = True) -> str:
     sft_seconds = fit(workdir, "--config", "recipes/sft.yaml")
     rows = []
     for seed in seeds:
-        run = root / f"dpo-{seed}"
-        (run / "outputs").mkdir(parents=True, exist_ok=True)
-        if not (run / "outputs" / "chain").exists():
-            (run / "outputs" / "chain").symlink_to(workdir / "outputs" / "chain")
+        run = chain_run(root / f"dpo-{seed}", workdir)
         seconds = fit(run, "--config", "recipes/dpo.yaml", f"--seed_everything={seed}",
                       f"--model.init_args.export_dir={run / 'dpo-model'}")
         frame = pd.read_csv(run_folder(run, "dpo") / "metrics.csv")
