@@ -227,3 +227,24 @@ def check_engine_supports(quantization: Optional[str], strategy_name: str) -> No
             f"generation.engine=vllm with {strategy_name}: not supported yet (each rank's engine holds the whole "
             "model). Use DDP, or generation.engine: hf"
         )
+
+
+def make_engine(policy: Any, model_config: Any, sampling: Any, evaluation_samples: int, longest_response: int,
+                data: Any, device: Optional[torch.device], rank: int) -> VLLMEngine:
+    """The in-process vLLM engine of a rank, on the policy's base checkpoint (``policy``: its ``PolicyConfig``),
+    with a context for the longest prompt (``data.max_prompt_length``) plus ``longest_response`` tokens."""
+    from lit_rlhf.tiny import resolve_model_path
+
+    device = device or torch.device("cpu")
+    prompt_length = getattr(data, "max_prompt_length", 512)
+    context = engine_context_length(model_config, prompt_length, longest_response)
+    cache_bytes = int(sampling.kv_cache_gb * 2**30) if sampling.kv_cache_gb is not None else None
+    if cache_bytes is None and device.type == "cpu":  # only what the largest batch needs, not a share of RAM
+        batch = getattr(data, "batch_size", None) or 64
+        rows = max(batch * sampling.num_generations, (getattr(data, "val_batch_size", None) or batch) * evaluation_samples)
+        cache_bytes = kv_cache_bytes(model_config, rows, context, getattr(torch, policy.dtype))
+    return VLLMEngine(
+        resolve_model_path(policy.model_name_or_path), policy.dtype, context, sampling.gpu_memory_utilization,
+        sampling.enable_sleep_mode, seed=rank, device=device, trust_remote_code=policy.trust_remote_code,
+        kv_cache_bytes=cache_bytes,
+    )

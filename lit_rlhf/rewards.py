@@ -213,43 +213,55 @@ class HTTPReward:
         self.url, self.timeout, self.retries = url, timeout, retries
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list], **_: Any) -> Any:
-        body = json.dumps({"prompts": prompts, "completions": completions, **columns}).encode()
-        failure = "no attempt"
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read().decode("utf-8"))
-                return answer["scores"] if isinstance(answer, dict) else answer
-            except (OSError, http.client.HTTPException, ValueError, KeyError) as err:  # network, HTTP, decoding
-                failure = self._what_went_wrong(err)
-                if attempt < self.retries:
-                    time.sleep(min(2.0**attempt, 10.0))
-        raise TrainingError(
-            f"reward.url={self.url!r}: no valid answer after {self.retries + 1} tries; the last one: {failure}. Check "
-            "that the scorer runs and answers {\"scores\": [...]} to a POST of prompts and completions"
-        )
+        body = {"prompts": prompts, "completions": completions, **columns}
+        answer = post_json(self.url, body, self.timeout, self.retries, "reward.url", "reward.timeout",
+                           "that the scorer runs and answers {\"scores\": [...]} to a POST of prompts and completions",
+                           lambda answer: answer["scores"] if isinstance(answer, dict) else answer, "scorer")
+        return answer
 
-    def _what_went_wrong(self, err: BaseException) -> str:
-        """One phrase for a failed request: refused, timed out, cut off, an HTTP error status, or a bad answer."""
-        reason = getattr(err, "reason", None) if isinstance(err, urllib.error.URLError) else None
-        if isinstance(err, urllib.error.HTTPError):
-            return f"the scorer answered HTTP {err.code} {err.reason}"
-        if isinstance(reason, ConnectionRefusedError) or isinstance(err, ConnectionRefusedError):
-            return "the connection was refused (is the scorer running at that address?)"
-        if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(err, (TimeoutError, socket.timeout)):
-            return f"no answer within reward.timeout={self.timeout} s"
-        if isinstance(err, http.client.IncompleteRead):
-            return f"the connection closed in the middle of the answer ({len(err.partial)} bytes received)"
-        if isinstance(err, (http.client.HTTPException, ConnectionError)):
-            return f"the connection dropped ({type(err).__name__}: {err})"
-        if isinstance(err, UnicodeDecodeError):
-            return f"the answer is not valid UTF-8 ({err.reason} at byte {err.start})"
-        if isinstance(err, json.JSONDecodeError):
-            return f"the answer is not JSON ({err.msg})"
-        if isinstance(err, KeyError):
-            return "the answer is a JSON object without 'scores'"
-        return f"{type(err).__name__}: {reason or err}"
+
+
+def post_json(url: str, body: Any, timeout: float, retries: int, field: str, timeout_field: str, expected: str,
+              read: Callable[[Any], Any] = lambda answer: answer, server: str = "server") -> Any:
+    """POST ``body`` as JSON to ``url`` and return ``read`` of the JSON answer, with ``retries`` more tries after a
+    failure (waiting 1, 2, 4... s). After the last one a :class:`TrainingError` names ``field``, what went wrong
+    and what the server should do (``expected``)."""
+    data = json.dumps(body).encode()
+    failure = "no attempt"
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                answer = json.loads(response.read().decode("utf-8"))
+            return read(answer)
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as err:  # network, HTTP, decoding
+            failure = _what_went_wrong(err, timeout, timeout_field, server)
+            if attempt < retries:
+                time.sleep(min(2.0**attempt, 10.0))
+    raise TrainingError(f"{field}={url!r}: no valid answer after {retries + 1} tries; the last one: {failure}. "
+                        f"Check {expected}")
+
+
+def _what_went_wrong(err: BaseException, timeout: float, timeout_field: str, server: str) -> str:
+    """One phrase for a failed request: refused, timed out, cut off, an HTTP error status, or a bad answer."""
+    reason = getattr(err, "reason", None) if isinstance(err, urllib.error.URLError) else None
+    if isinstance(err, urllib.error.HTTPError):
+        return f"the {server} answered HTTP {err.code} {err.reason}"
+    if isinstance(reason, ConnectionRefusedError) or isinstance(err, ConnectionRefusedError):
+        return f"the connection was refused (is the {server} running at that address?)"
+    if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(err, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout_field}={timeout} s"
+    if isinstance(err, http.client.IncompleteRead):
+        return f"the connection closed in the middle of the answer ({len(err.partial)} bytes received)"
+    if isinstance(err, (http.client.HTTPException, ConnectionError)):
+        return f"the connection dropped ({type(err).__name__}: {err})"
+    if isinstance(err, UnicodeDecodeError):
+        return f"the answer is not valid UTF-8 ({err.reason} at byte {err.start})"
+    if isinstance(err, json.JSONDecodeError):
+        return f"the answer is not JSON ({err.msg})"
+    if isinstance(err, KeyError):
+        return f"the answer is a JSON object without {err}"
+    return f"{type(err).__name__}: {reason or err}"
 
 
 class RewardSet:
@@ -301,3 +313,38 @@ def _describe(value: Any) -> str:
         shown = ", ".join(map(repr, value[:3])) + (", ..." if len(value) > 3 else "")
         return f"{type(value).__name__} of {' and '.join(kinds) or 'nothing'} ({shown})"
     return f"{type(value).__name__} {value!r}"[:200]
+
+
+class _ModelReward:
+    """A reward model as a reward source of :class:`RewardSet`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor,
+                 **_: Any) -> Tensor:
+        return self.model(prompts, completions, input_ids, attention_mask)
+
+
+def load_rewards(cfg: Any, tokenizer: Any, trust_remote_code: bool, device: Optional[torch.device],
+                 frozen_models: dict[str, Any]) -> RewardSet:
+    """The reward sources of ``model.reward`` (a :class:`~lit_rlhf.configs.RewardConfig`): models (loaded frozen
+    and added to ``frozen_models``: ``reward`` is the first, ``reward:<label>`` each), HTTP scorers, functions."""
+    from lit_rlhf.models import SequenceClassifierReward
+
+    sources = []
+    for term in cfg.terms():
+        if term.model_name_or_path is not None:
+            model = SequenceClassifierReward(
+                term.model_name_or_path, tokenizer, cfg.label_index, cfg.dtype, trust_remote_code, cfg.quantization,
+                cfg.batch_size, device,
+            )
+            frozen_models.setdefault("reward", model)  # the first reward model (value-head init)
+            frozen_models[f"reward:{term.label()}"] = model
+            source: Callable[..., Any] = _ModelReward(model)
+        elif term.url is not None:
+            source = HTTPReward(term.url, cfg.timeout, cfg.retries)
+        else:
+            source = FunctionReward(term.function, term.kwargs)
+        sources.append((term.label(), term.weight, source))
+    return RewardSet(sources)

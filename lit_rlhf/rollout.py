@@ -204,9 +204,19 @@ class Samples:
     completions: list[str]
     columns: dict[str, list]
     engine_logprobs: Optional[Tensor] = None  # the sampling engine's log-probs of the sampled tokens (vLLM)
+    # multi-turn trajectories: ``responses`` also hold the environment's tokens, which ``mask`` leaves out
+    response_attention: Optional[Tensor] = None  # 1 on every real token of ``responses`` (None: ``mask``)
+    ended: Optional[Tensor] = None  # whether each trajectory ended by itself, not cut by a budget (None: stop token)
+    conversations: Optional[list[list[dict[str, str]]]] = None  # each trajectory's messages
+    environment_rewards: Optional[Tensor] = None  # each trajectory's summed step rewards
 
     def __len__(self) -> int:
         return self.responses.shape[0]
+
+    @property
+    def attention(self) -> Tensor:
+        """The attention mask of ``responses``: their real tokens, the model's and the environment's."""
+        return self.mask if self.response_attention is None else self.response_attention
 
     def select(self, rows: Sequence[int]) -> "Samples":
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.responses.device)
@@ -215,6 +225,10 @@ class Samples:
             [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
             {k: [v[i] for i in rows] for k, v in self.columns.items()},
             self.engine_logprobs[index] if self.engine_logprobs is not None else None,
+            self.response_attention[index] if self.response_attention is not None else None,
+            self.ended[index] if self.ended is not None else None,
+            [self.conversations[i] for i in rows] if self.conversations is not None else None,
+            self.environment_rewards[index] if self.environment_rewards is not None else None,
         )
 
     @staticmethod
@@ -238,4 +252,9 @@ class Samples:
             {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns},
             torch.cat([pad(p.engine_logprobs, length, 0.0, False) for p in parts])
             if parts[0].engine_logprobs is not None else None,
+            torch.cat([pad(p.response_attention, length, 0.0, False) for p in parts])
+            if parts[0].response_attention is not None else None,
+            torch.cat([p.ended for p in parts]) if parts[0].ended is not None else None,
+            [c for p in parts for c in p.conversations] if parts[0].conversations is not None else None,
+            torch.cat([p.environment_rewards for p in parts]) if parts[0].environment_rewards is not None else None,
         )

@@ -11,4 +11,4 @@ class SkipEngineSync(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.iteration == self.iteration:
-            pl_module._engine_iteration = pl_module.iteration  # the module now believes the engine is current
+            pl_module.producer.engine_iteration = pl_module.iteration  # the module now believes the engine is current

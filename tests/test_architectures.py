@@ -137,7 +137,7 @@ def test_default_stop_tokens_add_the_checkpoints_end_of_turn_tokens(tmp_path):
     data = make_data(str(path), batch_size=16, path=QUICKSTART_PROMPTS)
     data.setup("fit")
     torch.manual_seed(0)
-    rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    rollout = module.producer(next(iter(data.train_dataloader())))
     responses = rollout.query_responses[:, rollout.context_length:]
     for row, mask in zip(responses.tolist(), rollout.mask.tolist()):
         stops = [i for i, token in enumerate(row) if token in (1, 9, 10)]

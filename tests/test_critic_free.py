@@ -40,7 +40,7 @@ def rollout(module, batch_size=4):
     data = category_data(batch_size)
     data.setup("fit")
     module._trainer = None
-    return module.make_rollout(next(iter(data.train_dataloader())))
+    return module.producer(next(iter(data.train_dataloader())))
 
 
 def test_grpo_has_no_value_function_and_trains_only_the_adapter(tmp_path):
@@ -57,7 +57,7 @@ def test_grpo_has_no_value_function_and_trains_only_the_adapter(tmp_path):
     data = category_data()
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    rolled = module.make_rollout(batch)
+    rolled = module.producer(batch)
     assert rolled.query_responses.shape[0] == 16  # 4 prompts x 4 generations
     assert rolled.prompts[:4] == [batch["prompts"][0]] * 4  # a group: consecutive rows of one prompt
     per_response = rolled.advantages.sum(1) / rolled.mask.sum(1)
@@ -173,7 +173,7 @@ def test_group_estimators_need_groups():
     module.ppo_config.num_minibatches = 5
     with pytest.raises(ValueError, match=r"data.batch_size=4 x generation.num_generations=3 = 12 responses is not "
                                          r"divisible by ppo.num_minibatches=5 x ppo.gradient_accumulation_steps=1"):
-        module._minibatch_sizes(4)
+        module.minibatch_sizes(4)
 
 
 def test_grpo_quickstart_raises_the_held_out_pass_rate(tmp_path):

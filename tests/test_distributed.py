@@ -165,7 +165,7 @@ def test_two_ranks_with_accumulation_step_with_the_gradient_of_their_joint_minib
     assert lengths.min() < lengths.max()
     joint = Rollout(**_joint_rollout(parts, module.tokenizer.pad_token_id), stats={})
     module.policy.train()
-    loss, _ = module.ppo_loss(joint, torch.arange(joint.mask.shape[0]))
+    loss, _ = module.update.loss(joint, torch.arange(joint.mask.shape[0]))
     loss.backward()
     for name, parameter in module.named_parameters():
         if parameter.grad is not None:

@@ -132,6 +132,7 @@ def test_one_update_takes_its_old_logprobs_from_its_own_pass(tmp_path, monkeypat
     import lightning as L
 
     from lit_rlhf import PolicyConfig, PPOModule, PromptDataModule, SamplingConfig
+    from lit_rlhf.experience import RolloutProducer
     from lit_rlhf.module import OptimizerConfig, PPOConfig, RewardConfig
     from conftest import REPO_ROOT
 
@@ -147,7 +148,7 @@ def test_one_update_takes_its_old_logprobs_from_its_own_pass(tmp_path, monkeypat
             optimizer=OptimizerConfig(lr=1e-2, scheduler="constant"),
         )
         if separate_pass:
-            monkeypatch.setattr(PPOModule, "_logprobs_from_update", lambda self, samples: False)
+            monkeypatch.setattr(RolloutProducer, "logprobs_from_update", lambda self, samples: False)
         data = PromptDataModule(f"{REPO_ROOT}/recipes/data/word_categories.jsonl", tokenizer="builtin:tiny-llama",
                                 batch_size=4, max_prompt_length=16)
         logged = {}

@@ -56,10 +56,10 @@ def test_first_minibatch_reproduces_rollout_logprobs(tiny_llama):
     module.configure_model()
     data = make_data(tiny_llama, batch_size=8)
     data.setup("fit")
-    rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    rollout = module.producer(next(iter(data.train_dataloader())))
     module.policy.train()  # as in ppo_update: training mode (dropout probabilities are 0)
     for index in (torch.arange(8), torch.tensor([3, 5]), torch.tensor([0])):
-        _, stats = module.ppo_loss(rollout, index)
+        _, stats = module.update.loss(rollout, index)
         assert stats["val/ratio"].item() == pytest.approx(1.0, abs=1e-5)
         assert stats["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-8)
 
@@ -124,7 +124,7 @@ def rollout_of(module, tiny_llama):
     module.configure_model()
     data = make_data(tiny_llama)
     data.setup("fit")
-    return module.make_rollout(next(iter(data.train_dataloader())))
+    return module.producer(next(iter(data.train_dataloader())))
 
 
 def test_whiten_rewards_gives_unit_variance_without_shifting_the_mean(tiny_llama):
@@ -148,9 +148,9 @@ def test_entropy_bonus_is_subtracted_from_the_loss_with_its_gradient(tiny_llama)
     module = make_module(tiny_llama, ppo=PPOConfig(ent_coef=0.0))
     rollout = rollout_of(module, tiny_llama)
     index = torch.arange(8)
-    plain, stats = module.ppo_loss(rollout, index)
+    plain, stats = module.update.loss(rollout, index)
     module.ppo_config = PPOConfig(ent_coef=0.1)
-    with_bonus, _ = module.ppo_loss(rollout, index)
+    with_bonus, _ = module.update.loss(rollout, index)
     assert with_bonus.item() == pytest.approx(plain.item() - 0.1 * stats["policy/entropy_avg"].item(), rel=1e-5)
     grads = []
     for loss in (plain, with_bonus):
@@ -188,8 +188,8 @@ def test_gradient_accumulation_splits_minibatches_into_micro_batches(tiny_llama,
     counter = CountSteps()
     module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, gradient_accumulation_steps=2))
     sizes = []
-    real_loss = module.ppo_loss
-    module.ppo_loss = lambda rollout, index, *rest: (sizes.append(len(index)), real_loss(rollout, index, *rest))[1]
+    real_loss = module.update.loss
+    module.update.loss = lambda rollout, index, *rest: (sizes.append(len(index)), real_loss(rollout, index, *rest))[1]
     fit(module, make_data(tiny_llama), tmp_path, limit_train_batches=1, callbacks=[counter])
     assert counter.steps == 2 * 2 and counter.backwards == 2 * 2 * 2
     assert sizes == [2] * 8  # batch 8 -> minibatches of 4 -> micro-batches of 2

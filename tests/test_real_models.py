@@ -87,9 +87,9 @@ def test_quantized_layers_compute_the_same_in_rollouts_and_ppo_passes():
     module.configure_model()
     data = make_data("builtin:tiny-llama")
     data.setup("fit")
-    rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    rollout = module.producer(next(iter(data.train_dataloader())))
     module.policy.train()
-    _, stats = module.ppo_loss(rollout, torch.arange(8))
+    _, stats = module.update.loss(rollout, torch.arange(8))
     assert stats["val/ratio"].item() == pytest.approx(1.0, abs=1e-6)
     assert stats["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-10)
 

@@ -209,14 +209,14 @@ def test_module_installs_atomic_checkpoint_io(tiny_llama, tmp_path):
 def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_llama, tmp_path):
     L.seed_everything(0)
     module = make_module(tiny_llama, ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, max_consecutive_skips=3))
-    real_loss, calls = module.ppo_loss, {"n": 0}
+    real_loss, calls = module.update.loss, {"n": 0}
 
     def poisoned(rollout, index, normalizers=None):
         calls["n"] += 1
         loss, stats = real_loss(rollout, index, normalizers)
         return (loss * float("nan") if calls["n"] >= 3 else loss), stats  # minibatches 3, 4, 5 ... are NaN
 
-    module.ppo_loss = poisoned
+    module.update.loss = poisoned
     snapshots = {}
 
     class Snapshot(L.Callback):

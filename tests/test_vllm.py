@@ -267,7 +267,7 @@ def test_truncated_importance_weights_reach_the_loss(tmp_path):
     data = PromptDataModule(os.path.join(os.path.dirname(TESTS_DIR), "recipes", "data", "sentiment_prompts.jsonl"),
                             tokenizer="builtin:tiny-llama", batch_size=4, max_prompt_length=16)
     data.setup("fit")
-    rolled = module.make_rollout(next(iter(data.train_dataloader())))
+    rolled = module.producer(next(iter(data.train_dataloader())))
     weights = rolled.token_weights[rolled.mask.bool()]
     torch.testing.assert_close(weights, torch.ones_like(weights), rtol=0, atol=1e-3)  # in sync: about 1
 
@@ -275,7 +275,7 @@ def test_truncated_importance_weights_reach_the_loss(tmp_path):
     rolled.token_weights = torch.rand(rolled.mask.shape, generator=generator) * 2 * rolled.mask  # far from 1
     rows = torch.arange(4)
     module.policy.train()
-    _, stats = module.ppo_loss(rolled, rows)
+    _, stats = module.update.loss(rolled, rows)
     loss = stats["loss/policy_avg"]  # the clipped surrogate (the value loss is added to it)
     out = module.policy(rolled.query_responses, rolled.attention_mask, rolled.context_length, 0.7)
     ratio = torch.exp(out.logprobs - rolled.logprobs)
