@@ -39,6 +39,34 @@ def estimate_advantages(
     over every rank through ``all_reduce``.
     """
     estimator = hp.advantage_estimator
+    if estimator in ("gae", "reinforce_pp", "reinforce_pp_baseline"):
+        # multi-turn trajectories: the recursions run over the model's tokens only, the environment's skipped
+        order = ppo_math.packing_order(mask)
+        packed = _token_estimate(scores, ppo_math.pack(kl, order), ppo_math.pack(values, order) if values is not None
+                                 else None, ppo_math.pack(mask, order), hp, group_size, kl_coef, all_reduce)
+        return tuple(ppo_math.unpack(x, order) for x in packed)  # type: ignore[return-value]
+    if estimator in ("grpo", "rloo"):
+        rewards = token_rewards(scores, kl, mask, kl_coef)
+        penalized = scores - kl_coef * kl.sum(1)
+        if estimator == "rloo":
+            per_response = ppo_math.rloo_advantages(penalized, group_size)
+        elif hp.scale_rewards == "batch":  # the std of every rank's scores, so ranks scale alike
+            centered = ppo_math.grpo_advantages(penalized, group_size, "none")
+            std = ppo_math.masked_var(penalized, torch.ones_like(penalized), all_reduce=all_reduce).sqrt()
+            per_response = centered / (std + 1e-6)
+        else:
+            per_response = ppo_math.grpo_advantages(penalized, group_size, hp.scale_rewards)
+        advantages = ppo_math.sequence_to_tokens(per_response, mask)
+        return advantages, advantages, rewards
+    raise ConfigError(f"ppo.advantage_estimator={estimator!r}: use gae, grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+
+
+def _token_estimate(
+    scores: Tensor, kl: Tensor, values: Optional[Tensor], mask: Tensor, hp: PPOConfig, group_size: int,
+    kl_coef: float, all_reduce: ppo_math.AllReduceSum,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The estimators with a recursion over tokens (GAE, REINFORCE++), on tokens whose mask is a prefix."""
+    estimator = hp.advantage_estimator
     if estimator == "reinforce_pp_baseline":
         scores = ppo_math.group_baseline(scores, group_size)
     rewards = token_rewards(scores, kl, mask, kl_coef)
@@ -51,19 +79,5 @@ def estimate_advantages(
         if hp.whiten_advantages:
             advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=all_reduce)
         return advantages, returns, rewards
-    if estimator in ("grpo", "rloo"):
-        penalized = scores - kl_coef * kl.sum(1)
-        if estimator == "rloo":
-            per_response = ppo_math.rloo_advantages(penalized, group_size)
-        elif hp.scale_rewards == "batch":  # the std of every rank's scores, so ranks scale alike
-            centered = ppo_math.grpo_advantages(penalized, group_size, "none")
-            std = ppo_math.masked_var(penalized, torch.ones_like(penalized), all_reduce=all_reduce).sqrt()
-            per_response = centered / (std + 1e-6)
-        else:
-            per_response = ppo_math.grpo_advantages(penalized, group_size, hp.scale_rewards)
-        advantages = ppo_math.sequence_to_tokens(per_response, mask)
-        return advantages, advantages, rewards
-    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        returns = ppo_math.discounted_returns(rewards, mask, hp.gamma)
-        return ppo_math.masked_whiten(returns, mask, all_reduce=all_reduce), returns, rewards
-    raise ConfigError(f"ppo.advantage_estimator={estimator!r}: use gae, grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+    returns = ppo_math.discounted_returns(rewards, mask, hp.gamma)
+    return ppo_math.masked_whiten(returns, mask, all_reduce=all_reduce), returns, rewards

@@ -66,8 +66,15 @@ class RewardConfig:
     """Responses that reach ``max_new_tokens`` without a stop token contribute no loss (DAPO's overlong
     filtering); their scores still count in the statistics."""
 
-    def terms(self) -> list[RewardTerm]:
-        """The reward sources, as weighted terms (one term of weight 1 for the single-source fields)."""
+    def is_empty(self) -> bool:
+        """Whether no reward source is set (allowed with an environment, whose step rewards score alone)."""
+        return not (self.function or self.model_name_or_path or self.url or self.functions)
+
+    def terms(self, allow_none: bool = False) -> list[RewardTerm]:
+        """The reward sources, as weighted terms (one term of weight 1 for the single-source fields); none at all
+        only with ``allow_none`` (an environment's step rewards score alone)."""
+        if allow_none and self.is_empty():
+            return []
         single = [RewardTerm(function=self.function), RewardTerm(model_name_or_path=self.model_name_or_path),
                   RewardTerm(url=self.url)]
         given = [term for term, value in zip(single, (self.function, self.model_name_or_path, self.url)) if value]

@@ -31,8 +31,10 @@ from lit_rlhf.configs import (
 )
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.evaluation import evaluate, evaluate_before_training
+from lit_rlhf.environments import Environment, environment_summary
 from lit_rlhf.experience import Rollout, RolloutProducer, SingleTurnProducer
 from lit_rlhf.host_memory import mmap_large_allocations
+from lit_rlhf.multiturn import MultiTurnProducer
 from lit_rlhf.models import (
     PolicyConfig,
     disable_dropout,
@@ -74,6 +76,7 @@ class PPOModule(ExactResume, L.LightningModule):
         ppo: PPOConfig = PPOConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         evaluation: EvaluationConfig = EvaluationConfig(),
+        environment: Optional[Environment] = None,
         release_host_memory: bool = True,
     ) -> None:
         """
@@ -85,11 +88,14 @@ class PPOModule(ExactResume, L.LightningModule):
             ppo: PPO hyper-parameters.
             optimizer: Optimizer and learning-rate schedule.
             evaluation: How held-out prompts (``data.val_path``) are answered and scored during training.
+            environment: Multi-turn rollouts: the environment the policy talks to (``class_path``, ``init_args``;
+                see :mod:`lit_rlhf.environments`), each trajectory scored by the sum of its step rewards (plus
+                ``reward``'s score of the final answer, if a reward is set). None: one response per prompt.
             release_host_memory: On CPU, have glibc return large freed blocks to the system at once
                 (``mallopt`` mmap threshold of 4 MiB); lowers peak resident memory. Process-wide.
         """
         super().__init__()
-        reward.terms()  # exactly one source (or a list of them)
+        reward.terms(allow_none=environment is not None)  # one source or a list; an environment may score alone
         optimizer.check()
         if ppo.num_minibatches < 1 or ppo.gradient_accumulation_steps < 1 or ppo.ppo_epochs < 1:
             raise ConfigError("ppo.ppo_epochs, ppo.num_minibatches and ppo.gradient_accumulation_steps must be >= 1")
@@ -97,7 +103,7 @@ class PPOModule(ExactResume, L.LightningModule):
             raise ConfigError("generation.temperature must be positive (sampling is always on in PPO rollouts)")
         self.save_hyperparameters(plain_hyperparameters(
             policy=policy, reward=reward, reference=reference, generation=generation, ppo=ppo, optimizer=optimizer,
-            evaluation=evaluation, release_host_memory=release_host_memory,
+            evaluation=evaluation, release_host_memory=release_host_memory, environment=environment_summary(environment),
         ))
         # The typed configs (``self.hparams`` holds the same values as dicts).
         self.policy_config, self.reward_config, self.reference_config = policy, reward, reference
@@ -109,7 +115,10 @@ class PPOModule(ExactResume, L.LightningModule):
         self.automatic_optimization = False
         self.score_moments = ppo_math.RunningMoments()
         self.iteration = 0  # PPO iterations done
-        self.producer: RolloutProducer = SingleTurnProducer(self)  # batch -> Rollout
+        self.environment = environment
+        # batch -> Rollout: one response per prompt, or whole conversations with the environment
+        self.producer: RolloutProducer = (SingleTurnProducer(self) if environment is None
+                                          else MultiTurnProducer(self, environment))
         self.update = PPOUpdate(self)  # Rollout -> optimizer steps
         self.latest_rollout: Optional[Rollout] = None  # for callbacks and debugging
         self.latest_samples: dict[str, list] = {}
@@ -168,6 +177,8 @@ class PPOModule(ExactResume, L.LightningModule):
             from lit_rlhf.engines import make_engine
 
             longest = max(new_tokens for _, new_tokens in self._response_budgets())  # evaluation samples on it too
+            if self.environment is not None:
+                longest = max(longest, self.environment.max_total_tokens)
             self.engine = make_engine(self.policy_config, self.policy.model.config, self.sampling,
                                       self.evaluation.num_samples, longest, self._data_settings(), device,
                                       self.ranks.rank)
@@ -188,10 +199,12 @@ class PPOModule(ExactResume, L.LightningModule):
         generation_config = load_generation_config(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
         checkpoint_eos = getattr(generation_config, "eos_token_id", None)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
+        if isinstance(self.producer, MultiTurnProducer):
+            self.producer.prepare(self.tokenizer)  # the chat template must render conversations by appending
         strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
         recipe_checks.check_algorithm(self.policy_config, self.sampling, self.ppo_config, self.reference_config,
                                       self.device_mesh is not None, strategy)
-        for term in self.reward_config.terms():  # importable functions, valid URLs: before any weight loads
+        for term in self.reward_config.terms(allow_none=self.environment is not None):  # before any weight loads
             if term.function is not None:
                 FunctionReward(term.function, term.kwargs)
             elif term.url is not None:
@@ -201,6 +214,8 @@ class PPOModule(ExactResume, L.LightningModule):
             self.minibatch_sizes(data.batch_size)
             context = model_context_length(policy_cfg.model_name_or_path, policy_cfg.trust_remote_code)
             recipe_checks.check_prompt_budget(data.max_prompt_length, self._response_budgets(), context)
+            if self.environment is not None:
+                recipe_checks.check_trajectory_budget(self.environment.max_total_tokens, context)
 
     def _response_budgets(self) -> list[tuple[str, int]]:
         return recipe_checks.response_budgets(self.sampling, self.evaluation)

@@ -83,6 +83,23 @@ def last_valid_index(mask: Tensor) -> Tensor:
     return (positions * mask.long()).argmax(dim=1)
 
 
+def packing_order(mask: Tensor) -> Tensor:
+    """Per row, the column order that moves the masked positions to the front, keeping their order: a
+    multi-turn trajectory's model tokens side by side, with the environment's tokens between them left out.
+    The identity for a mask that is already a prefix (a single-turn response)."""
+    return torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+
+
+def pack(x: Tensor, order: Tensor) -> Tensor:
+    """``x`` with its columns in ``order`` (:func:`packing_order`)."""
+    return x.gather(1, order)
+
+
+def unpack(x: Tensor, order: Tensor) -> Tensor:
+    """Undo :func:`pack`: each packed column back to its own position."""
+    return torch.empty_like(x).scatter_(1, order, x)
+
+
 def compute_rewards(
     scores: Tensor,
     logprobs: Tensor,

@@ -69,6 +69,15 @@ def check_prompt_budget(max_prompt_length: int, budgets: list[tuple[str, int]], 
             )
 
 
+def check_trajectory_budget(max_total_tokens: int, context: Optional[int]) -> None:
+    """A multi-turn trajectory's token budget must fit the model's context."""
+    if context is not None and max_total_tokens > context:
+        raise ConfigError(
+            f"model.environment.max_total_tokens={max_total_tokens} exceeds the context of policy.model_name_or_path "
+            f"({context} tokens): lower it"
+        )
+
+
 def minibatch_sizes(hp: PPOConfig, groups: int, batch_size: int) -> tuple[int, int]:
     """Minibatch and micro-batch sizes for ``data.batch_size`` prompts (x ``num_generations`` responses)."""
     per_step = hp.num_minibatches * hp.gradient_accumulation_steps

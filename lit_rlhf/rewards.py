@@ -333,7 +333,7 @@ def load_rewards(cfg: Any, tokenizer: Any, trust_remote_code: bool, device: Opti
     from lit_rlhf.models import SequenceClassifierReward
 
     sources = []
-    for term in cfg.terms():
+    for term in cfg.terms(allow_none=True):
         if term.model_name_or_path is not None:
             model = SequenceClassifierReward(
                 term.model_name_or_path, tokenizer, cfg.label_index, cfg.dtype, trust_remote_code, cfg.quantization,
