@@ -5,9 +5,11 @@ run folders, and prints Markdown tables with the machine, the thread count, the 
     python benchmarks/readme_numbers.py --sections quickstart grpo chain
     python benchmarks/readme_numbers.py --sections smollm2 --seeds 0 1 2 --smollm2 grpo
 
-Sections: quickstart (PPO, seeds), grpo (GRPO quickstart, seeds), chain (SFT -> reward model -> PPO), critic
+Sections: quickstart (PPO, seeds), grpo (GRPO quickstart, seeds), multiturn (the multi-turn quickstart, seeds, and
+a sample conversation), chain (SFT -> reward model -> PPO), critic
 (shared head against adapter critic on the quickstart), vllm (both quickstarts on the vLLM engine, when vLLM is
-installed), smollm2 (the real-model GRPO and PPO recipes, seeds), dpo (SFT then recipes/dpo.yaml, seeds; the
+installed), smollm2 (the real-model GRPO and PPO recipes, seeds), calculator (the SmolLM2 tool-use recipes:
+SFT warm-up, then RL; tool calls, tool errors and held-out accuracy before and after RL), dpo (SFT then recipes/dpo.yaml, seeds; the
 SmolLM2 DPO recipe, seeds, with the held-out task accuracy before and after), dpo-comparison (DPO and IPO against
 TRL's DPOTrainer on the tiny model and on SmolLM2), ppo-benchmark and grpo-benchmark (three invocations each),
 activation-memory. Each run is a fresh ``lit-rlhf fit`` in a temporary folder, one at a time
@@ -30,8 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("quickstart", "grpo", "chain", "critic", "vllm", "smollm2", "dpo", "dpo-comparison", "ppo-benchmark",
-            "grpo-benchmark", "activation-memory")
+SECTIONS = ("quickstart", "grpo", "multiturn", "chain", "critic", "vllm", "smollm2", "calculator", "dpo",
+            "dpo-comparison", "ppo-benchmark", "grpo-benchmark", "activation-memory")
 
 
 def machine() -> str:
@@ -138,6 +140,54 @@ def grpo(root: Path, seeds: list[int], *extra: str, name: str = "grpo") -> str:
     header = ["seed", "training pass rate (first → last 10%)", "held-out eval/pass@1: before, epochs 1-8",
               "eval/pass@4 at the end", "distinct-2", "top completion share", "wall clock"]
     return table(header + ["largest engine/trainer log-prob difference"] * (len(rows[0]) - len(header)), rows)
+
+
+def multiturn(root: Path, seeds: list[int]) -> str:
+    """The multi-turn quickstart per seed, and one whole conversation of seed 0's last sample table."""
+    rows, conversation = [], None
+    for seed, folder, frame, seconds in seeded_runs(root, "multiturn-quickstart", seeds, (), "multiturn"):
+        evaluation = evaluations(folder)
+        (s0, s1), (r0, r1) = ends(frame["objective/scores"]), ends(frame["env/right"])
+        rows.append([seed, f"{s0:.2f} → {s1:.2f}", f"{r0:.2f} → {r1:.2f}",
+                     ", ".join(f"{v:.2f}" for v in evaluation["eval/score"]), f"{frame['env/turns'].mean():.1f}",
+                     f"{seconds:.0f} s"])
+        if conversation is None:
+            samples = [json.loads(line) for line in open(folder / "samples.jsonl")]
+            conversation = samples[-1]
+    header = ["seed", "score (first → last 10%)", "right answers per trajectory", "held-out eval/score: before, "
+              "epochs 1-6", "turns", "wall clock"]
+    said = "\n".join(f"    {m['role']}: {m['content']}" for m in conversation["conversation"])
+    return (table(header, rows) + f"\n\nA trajectory of seed 0's last sample table (iteration {conversation['iteration']},"
+            f" score {conversation['score']:.2f}):\n\n{said}")
+
+
+def calculator(root: Path) -> str:
+    """The SmolLM2 calculator recipes as shipped (the SFT warm-up, then 20 iterations of multi-turn GRPO): tool use
+    and held-out accuracy before and after RL, and one held-out conversation before and after."""
+    workdir = root / "calculator"
+    sft_seconds = fit(workdir, "--config", "recipes/smollm2-calculator-sft.yaml")
+    seconds = fit(workdir, "--config", "recipes/smollm2-calculator.yaml", timeout=4 * 3600)
+    folder = run_folder(workdir, "smollm2-calculator")
+    frame, evaluation = training(folder), evaluations(folder)
+    (c0, c1), (e0, e1), (s0, s1) = (ends(frame[name], 0.25) for name in ("env/tool_calls", "env/tool_errors",
+                                                                           "objective/scores"))
+    before, after = evaluation.iloc[0], evaluation.iloc[-1]
+    rows = [["training samples, temperature 1 (first → last quarter)", f"{c0:.2f} → {c1:.2f}", f"{e0:.2f} → {e1:.2f}",
+             f"{s0:.2f} → {s1:.2f}", ""],
+            ["48 held-out questions, greedy (before → after RL)",
+             f"{before['eval/env/tool_calls']:.2f} → {after['eval/env/tool_calls']:.2f}",
+             f"{before['eval/env/tool_errors']:.2f} → {after['eval/env/tool_errors']:.2f}",
+             f"{before['eval/score']:.2f} → {after['eval/score']:.2f}",
+             f"{before['eval/pass@1']:.2f} → {after['eval/pass@1']:.2f}"]]
+    header = ["", "tool calls per trajectory", "tool errors per trajectory", "score", "accuracy (eval/pass@1)"]
+    samples = [json.loads(line) for line in open(folder / "eval_samples.jsonl")]
+    first = {row["iteration"]: row for row in reversed(samples)}  # each evaluation's first conversation
+
+    def said(row: dict) -> str:
+        return " / ".join(f"{m['role']}: {m['content']}" for m in row["conversation"][1:])
+
+    return (table(header, rows) + f"\n\n(SFT warm-up {sft_seconds:.0f} s; RL {len(frame)} iterations, {seconds:.0f} s "
+            f"with both evaluations)\n\nBefore RL: {said(first[min(first)])}\n\nAfter RL: {said(first[max(first)])}")
 
 
 def chain_run(run: Path, workdir: Path) -> Path:
@@ -294,6 +344,10 @@ def main() -> int:
             print(quickstart(root, args.seeds))
         elif section == "grpo":
             print(grpo(root, args.seeds))
+        elif section == "multiturn":
+            print(multiturn(root, args.seeds))
+        elif section == "calculator":
+            print(calculator(root))
         elif section == "chain":
             print(chain(root, args.seeds))
         elif section == "critic":

@@ -122,7 +122,8 @@ class ToolEnvironment(Environment):
 
     def __init__(
         self, tools: list[str], reward: str, prompt_field: str = "prompt", system_prompt: Optional[str] = None,
-        tool_timeout: float = 5.0, max_turns: int = 3, max_total_tokens: int = 1024,
+        tool_timeout: float = 5.0, tool_call_reward: float = 0.0, describe_tools: bool = True, max_turns: int = 3,
+        max_total_tokens: int = 1024,
     ) -> None:
         """
         Args:
@@ -133,6 +134,10 @@ class ToolEnvironment(Environment):
             prompt_field: The row's column that holds the user's question.
             system_prompt: An optional system message opening each conversation.
             tool_timeout: Seconds a tool call may take; a slower one gets an error message back.
+            tool_call_reward: Reward for the episode's first tool call that runs without error (shaping for a
+                model that rarely calls tools at first; 0: off). Later calls earn nothing.
+            describe_tools: When the chat template ignores ``tools=``, describe the tools (their JSON schemas) in a
+                system message; false when ``system_prompt`` describes them itself.
         """
         super().__init__(max_turns, max_total_tokens)
         if not tools:
@@ -142,6 +147,7 @@ class ToolEnvironment(Environment):
         self.by_name = {tool.__name__: tool for tool in self.tools}
         self.reward = FunctionReward(reward)
         self.prompt_field, self.system_prompt, self.tool_timeout = prompt_field, system_prompt, tool_timeout
+        self.tool_call_reward, self.describe_tools = tool_call_reward, describe_tools
         self.row: dict[str, Any] = {}
 
     def __deepcopy__(self, memo: dict) -> ToolEnvironment:
@@ -163,7 +169,14 @@ class ToolEnvironment(Environment):
             columns = {k: [v] for k, v in self.row.items() if k != "prompt"}
             score = self.reward([str(self.row.get("prompt", ""))], [text], columns)
             return [], float(list(score)[0]), True
-        return [{"role": "tool", "content": self.run_call(call)} for call in calls], 0.0, False
+        errors_before = self.counts.get("tool_errors", 0.0)
+        replies = [{"role": "tool", "content": self.run_call(call)} for call in calls]
+        succeeded = self.counts.get("tool_errors", 0.0) - errors_before < len(calls)
+        reward = 0.0
+        if succeeded and self.tool_call_reward and not self.counts.get("rewarded_calls"):
+            reward = self.tool_call_reward
+            self.count("rewarded_calls")
+        return replies, reward, False
 
     def run_call(self, call: str) -> str:
         """The result of one tool call as text, or an error message for the model (counted in ``tool_errors``)."""

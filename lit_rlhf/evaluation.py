@@ -34,6 +34,9 @@ def evaluate(host: PPOModule, batch: dict[str, Any]) -> tuple[dict[str, Tensor],
         "eval/pass@1": passed.mean(),
         **({f"eval/pass@{k}": passed.max(1).values.mean()} if k > 1 else {}),
         **{f"eval/reward/{name}": value.mean() for name, value in each.items() if len(each) > 1},
+        # multi-turn: the environment's statistics of the held-out conversations (eval/env/turns, tool_calls...)
+        **{f"eval/{name}": torch.tensor(float(value), device=host.device)
+           for name, value in host.producer.sample_stats().items()},
     }
     return metrics, passed.shape[0]
 

@@ -67,9 +67,10 @@ class MultiTurnProducer(RolloutProducer):
         """Check the chat template before any weight loads: conversations must render by appending."""
         self.renderer = ChatRenderer(tokenizer, self.environment.tools or None)
         self.renderer.check()
-        if self.environment.tools and not self.renderer.template_renders_tools():
-            assert isinstance(self.environment, ToolEnvironment)
-            self.system_tools = self.environment.tool_system_prompt()
+        environment = self.environment
+        if environment.tools and not self.renderer.template_renders_tools() and getattr(environment, "describe_tools", True):
+            assert isinstance(environment, ToolEnvironment)
+            self.system_tools = environment.tool_system_prompt()
 
     def sample_stats(self) -> dict[str, float]:
         return {f"env/{name}": value for name, value in self.env_stats.items()}

@@ -287,6 +287,11 @@ def test_tools_reach_a_template_without_tools_as_a_system_message():
     with_template_tools = MultiTurnProducer(None, environment)
     with_template_tools.prepare(smollm2_tokenizer(QWEN25_TEMPLATE))
     assert with_template_tools.system_tools is None
+    described_by_the_recipe = ToolEnvironment(tools=["lit_rlhf.environments:calculator"], describe_tools=False,
+                                              reward="lit_rlhf.rewards:last_number_match", system_prompt="Use <tool_call>")
+    producer = MultiTurnProducer(None, described_by_the_recipe)
+    producer.prepare(smollm2_tokenizer())
+    assert producer.system_tools is None
 
 
 class _EnvironmentServer(BaseHTTPRequestHandler):
@@ -381,3 +386,50 @@ def test_multiturn_rollouts_on_the_vllm_engine_stay_in_sync(tmp_path):
     assert len(metrics) == 4 and (metrics["env/turns"] == 3).all()
     assert (metrics["rollout/logprob_diff_max"] < 1e-3).all(), metrics["rollout/logprob_diff_max"]
     assert metrics["loss/kl_avg"].iloc[-1] > 0  # the policy moved, and the engine followed it
+
+
+def test_the_readme_environment_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's GuessTheNumber example, copied as a user would, plays whole episodes in a rollout."""
+    import re
+    import sys
+    import types
+
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    section = readme[readme.index("**Write an environment.**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    recipe = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    my_envs = types.ModuleType("my_envs")
+    exec(compile(code, "my_envs.py", "exec"), my_envs.__dict__)
+    monkeypatch.setitem(sys.modules, "my_envs", my_envs)
+    game = my_envs.GuessTheNumber()
+    opening = game.reset({"prompt": "game 1"})
+    secret = game.secret
+    replies, reward, done = game.step([*opening, {"role": "assistant", "content": f"{secret - 1 or 2}"}])
+    assert not done and reward == 0.0 and replies[0]["content"] in ("Higher.", "Lower.")
+    _, reward, done = game.step([*opening, {"role": "assistant", "content": "x"}, *replies,
+                                 {"role": "assistant", "content": f"It is {secret}."}])
+    assert done and reward == pytest.approx(0.9)
+    # the recipe lines as the README gives them, on the tiny policy
+    import yaml
+
+    model = yaml.safe_load(recipe)["model"]
+    assert model["environment"]["class_path"] == "my_envs.GuessTheNumber"
+    L.seed_everything(0)
+    module = quiz_module(environment=my_envs.GuessTheNumber(**model["environment"]["init_args"]),
+                         max_new_tokens=model["generation"]["max_new_tokens"])
+    module._prepare()
+    module.configure_model()
+    rollout = module.producer(quiz_batch())
+    assert 1 <= rollout.stats["env/turns"] <= 5 and "env/wrong_guesses" in rollout.stats
+    assert rollout.conversations[0][0]["content"].startswith("I am thinking of a number")
+
+
+def test_only_the_first_successful_tool_call_of_an_episode_is_rewarded():
+    environment = ToolEnvironment(tools=["lit_rlhf.environments:calculator"], reward="lit_rlhf.rewards:last_number_match",
+                                  tool_call_reward=0.2)
+    episode = __import__("copy").deepcopy(environment)
+    messages = episode.reset({"prompt": "What is 6 * 7?", "answer": "42"})
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
+    assert episode.step([*messages, {"role": "assistant", "content": call % "6 *"}])[1] == 0.0  # an error earns nothing
+    assert episode.step([*messages, {"role": "assistant", "content": call % "6 * 7"}])[1] == 0.2
+    assert episode.step([*messages, {"role": "assistant", "content": call % "6 * 7"}])[1] == 0.0  # only once
