@@ -200,6 +200,12 @@ class PPOModule(ExactResume, L.LightningModule):
         checkpoint_eos = getattr(generation_config, "eos_token_id", None)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_tokens, checkpoint_eos)
         if isinstance(self.producer, MultiTurnProducer):
+            if self.device_mesh is not None or self.parameters_are_sharded():
+                raise ConfigError(
+                    "model.environment is not supported with sharded weights (ModelParallelStrategy, DeepSpeed "
+                    "ZeRO-3) yet: ranks play different numbers of turns, and generation with sharded weights needs "
+                    "every rank in every step. Use DDP (trainer.strategy: ddp) for multi-turn rollouts"
+                )
             self.producer.prepare(self.tokenizer)  # the chat template must render conversations by appending
         strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
         recipe_checks.check_algorithm(self.policy_config, self.sampling, self.ppo_config, self.reference_config,

@@ -433,3 +433,10 @@ def test_only_the_first_successful_tool_call_of_an_episode_is_rewarded():
     assert episode.step([*messages, {"role": "assistant", "content": call % "6 *"}])[1] == 0.0  # an error earns nothing
     assert episode.step([*messages, {"role": "assistant", "content": call % "6 * 7"}])[1] == 0.2
     assert episode.step([*messages, {"role": "assistant", "content": call % "6 * 7"}])[1] == 0.0  # only once
+
+
+def test_multiturn_with_sharded_weights_is_refused_before_weights_load():
+    module = quiz_module()
+    module._device_mesh = object()  # what ModelParallelStrategy hands configure_model
+    with pytest.raises(ConfigError, match="model.environment is not supported with sharded weights"):
+        module._prepare()
