@@ -30,6 +30,7 @@ class ChatRenderer:
             )
         self.tokenizer = tokenizer
         self.tools = list(tools) if tools else None
+        self.closing = self.assistant_closing()  # rendered once: every delta of every turn needs it
 
     def text(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         """The conversation as the template writes it."""
@@ -47,12 +48,8 @@ class ChatRenderer:
     def template_renders_tools(self) -> bool:
         """Whether the template writes the tools into the conversation (many ignore ``tools=`` silently)."""
         probe = [{"role": "user", "content": "hi"}]
-        with_tools = self.text(probe, True)
-        self_tools, self.tools = self.tools, None
-        try:
-            return with_tools != self.text(probe, True)
-        finally:
-            self.tools = self_tools
+        without_tools = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        return self.text(probe, True) != without_tools
 
     def assistant_closing(self) -> str:
         """The text the template writes after an assistant message's content (``<|im_end|>\\n`` for ChatML)."""
@@ -77,7 +74,7 @@ class ChatRenderer:
                 "follow (it rewrites the conversation), so a trajectory cannot be built by appending tokens. Use a "
                 "template that only appends (e.g. ChatML, Llama 3) or set policy.model_name_or_path's chat_template"
             )
-        closing = self.assistant_closing()
+        closing = self.closing
         if model_text_end and closing.startswith(model_text_end):
             closing = closing[len(model_text_end):]
         return self.encode(closing + after[len(before):])
@@ -88,7 +85,7 @@ class ChatRenderer:
         opening = [{"role": "user", "content": "What is 2 + 3?"}]
         turn = {"role": "assistant", "content": "<think>Let me compute.</think> 5"}  # reasoning some templates drop
         reply = [{"role": "user", "content": "Go on."}]
-        closing = self.assistant_closing()
+        closing = self.closing
         built = self.text(opening, True) + turn["content"]
         self.delta([*opening, turn], reply, "")  # raises if the template rewrites the conversation
         whole = self.text([*opening, turn, *reply], True)

@@ -21,7 +21,7 @@ from lit_rlhf.chat import ChatRenderer
 from lit_rlhf.data import left_pad
 from lit_rlhf.environments import Environment, Message, ToolEnvironment
 from lit_rlhf.experience import RolloutProducer
-from lit_rlhf.rollout import Samples, SamplingConfig
+from lit_rlhf.rollout import Samples, SamplingConfig, response_mask
 
 ENV_METRICS = ("turns", "tool_calls", "tool_errors", "truncated")
 
@@ -91,7 +91,7 @@ class MultiTurnProducer(RolloutProducer):
             self.model_turn(active, sampling)
             for trajectory in active:
                 self.environment_turn(trajectory)
-        return self.to_samples(trajectories, [row for row in rows for _ in range(groups)], groups)
+        return self.to_samples(trajectories, [row for row in rows for _ in range(groups)])
 
     def start(self, row: dict[str, Any]) -> Trajectory:
         environment = copy.deepcopy(self.environment)
@@ -112,10 +112,9 @@ class MultiTurnProducer(RolloutProducer):
         responses, engine_logprobs = self.sample_tokens(queries.to(device), query_mask.to(device), turn)
         self.used_engine = engine_logprobs is not None
         stops = set(host.stop_token_ids)
+        lengths = response_mask(responses, host.stop_token_ids).sum(1).long().tolist()  # up to the first stop
         for row, trajectory in enumerate(active):
-            ids = responses[row].tolist()
-            end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
-            ids = ids[:min(end, trajectory.room())]
+            ids = responses[row, :min(lengths[row], trajectory.room())].tolist()
             logprobs = engine_logprobs[row, :len(ids)].tolist() if engine_logprobs is not None else None
             trajectory.append(ids, True, logprobs)
             trajectory.turns += 1
@@ -142,7 +141,7 @@ class MultiTurnProducer(RolloutProducer):
             return
         trajectory.append(delta, False)
 
-    def to_samples(self, trajectories: list[Trajectory], rows: list[dict[str, Any]], groups: int) -> Samples:
+    def to_samples(self, trajectories: list[Trajectory], rows: list[dict[str, Any]]) -> Samples:
         """The trajectories as padded tensors: openings left-padded, the rest right-padded; ``mask`` marks the
         model's tokens, ``response_attention`` every real one."""
         host = self.host

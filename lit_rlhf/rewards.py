@@ -214,10 +214,9 @@ class HTTPReward:
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list], **_: Any) -> Any:
         body = {"prompts": prompts, "completions": completions, **columns}
-        answer = post_json(self.url, body, self.timeout, self.retries, "reward.url", "reward.timeout",
-                           "that the scorer runs and answers {\"scores\": [...]} to a POST of prompts and completions",
-                           lambda answer: answer["scores"] if isinstance(answer, dict) else answer, "scorer")
-        return answer
+        return post_json(self.url, body, self.timeout, self.retries, "reward.url", "reward.timeout",
+                         "that the scorer runs and answers {\"scores\": [...]} to a POST of prompts and completions",
+                         lambda answer: answer["scores"] if isinstance(answer, dict) else answer, "scorer")
 
 
 
