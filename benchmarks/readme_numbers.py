@@ -147,18 +147,30 @@ def multiturn(root: Path, seeds: list[int]) -> str:
     rows, conversation = [], None
     for seed, folder, frame, seconds in seeded_runs(root, "multiturn-quickstart", seeds, (), "multiturn"):
         evaluation = evaluations(folder)
-        (s0, s1), (r0, r1) = ends(frame["objective/scores"]), ends(frame["env/right"])
+        (s0, s1), (r0, r1), (d0, d1) = (ends(frame[name]) for name in ("objective/scores", "env/right",
+                                                                        "val/distinct_2"))
         rows.append([seed, f"{s0:.2f} → {s1:.2f}", f"{r0:.2f} → {r1:.2f}",
-                     ", ".join(f"{v:.2f}" for v in evaluation["eval/score"]), f"{frame['env/turns'].mean():.1f}",
-                     f"{seconds:.0f} s"])
+                     ", ".join(f"{v:.2f}" for v in evaluation["eval/score"]), f"{d0:.2f} → {d1:.2f}",
+                     f"{frame['env/turns'].mean():.1f}", f"{seconds:.0f} s"])
         if conversation is None:
             samples = [json.loads(line) for line in open(folder / "samples.jsonl")]
             conversation = samples[-1]
+    epochs = len(evaluation["eval/score"]) - 1
     header = ["seed", "score (first → last 10%)", "right answers per trajectory", "held-out eval/score: before, "
-              "epochs 1-6", "turns", "wall clock"]
+              f"epochs 1-{epochs}", "distinct-2 (first → last 10%)", "turns", "wall clock"]
     said = "\n".join(f"    {m['role']}: {m['content']}" for m in conversation["conversation"])
+    # the same recipe with every turn credited with the trajectory's advantage (GRPO's default over trajectories)
+    whole = []
+    for seed, folder, frame, seconds in seeded_runs(root, "multiturn-quickstart", seeds,
+                                                     ("--model.ppo.multi_turn_credit=trajectory",), "multiturn-whole"):
+        (s0, s1), (r0, r1) = ends(frame["objective/scores"]), ends(frame["env/right"])
+        whole.append([seed, f"{s0:.2f} → {s1:.2f}", f"{r0:.2f} → {r1:.2f}",
+                      f"{evaluations(folder)['eval/score'].iloc[-1]:.2f}", f"{seconds:.0f} s"])
     return (table(header, rows) + f"\n\nA trajectory of seed 0's last sample table (iteration {conversation['iteration']},"
-            f" score {conversation['score']:.2f}):\n\n{said}")
+            f" score {conversation['score']:.2f}):\n\n{said}\n\nWith multi_turn_credit: trajectory (every turn credited "
+            "with the trajectory's advantage), otherwise the same recipe:\n\n"
+            + table(["seed", "score (first → last 10%)", "right answers per trajectory", "held-out eval/score at the end",
+                     "wall clock"], whole))
 
 
 def calculator(root: Path) -> str:

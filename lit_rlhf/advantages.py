@@ -5,6 +5,11 @@ tensors, the PPO settings and an all-reduce (a sum over data-parallel ranks; non
 of each response's KL-penalized score, on every token. ``reinforce_pp`` (and ``_baseline``, the group mean
 subtracted from the scores first): discounted returns of the KL-penalized token rewards, whitened over the batch.
 The maths of each is in :mod:`lit_rlhf.ppo`.
+
+Multi-turn trajectories: the token rewards hold each step reward on the last token of the turn that earned it
+(``step_rewards``), so GAE and REINFORCE++ credit a turn with what came after it only; GRPO and RLOO give every
+turn the trajectory's advantage, or with ``ppo.multi_turn_credit: turn`` each turn the advantage of its own return
+against the group's at the same turn.
 """
 
 from __future__ import annotations
@@ -21,32 +26,41 @@ if TYPE_CHECKING:
     from lit_rlhf.configs import PPOConfig
 
 
-def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
-    """``-kl_coef * kl`` on every token, plus each response's score on its last real token ``[batch, len]``."""
-    rewards = -kl_coef * kl
-    rewards[torch.arange(scores.shape[0], device=scores.device), ppo_math.last_valid_index(mask)] += scores
-    return rewards
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float,
+                  step_rewards: Optional[Tensor] = None) -> Tensor:
+    """``-kl_coef * kl`` on every token, plus each response's score on its last real token ``[batch, len]`` (a
+    trajectory's step rewards on the last token of their turns, :func:`lit_rlhf.ppo.place_scores`)."""
+    return -kl_coef * kl + ppo_math.place_scores(scores, mask, step_rewards)
 
 
 def estimate_advantages(
     scores: Tensor, kl: Tensor, values: Optional[Tensor], mask: Tensor, hp: PPOConfig, group_size: int,
-    kl_coef: float, all_reduce: ppo_math.AllReduceSum = ppo_math._no_reduce,
+    kl_coef: float, all_reduce: ppo_math.AllReduceSum = ppo_math._no_reduce, step_rewards: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Advantages, returns and per-token rewards ``[batch, len]`` of ``hp.advantage_estimator``.
 
     ``scores`` are ``[batch]`` (groups of ``group_size`` consecutive rows), ``kl`` the per-token KL to the
     reference, ``values`` the critic's (``gae`` only); batch statistics (whitening, the batch std) are taken
-    over every rank through ``all_reduce``.
+    over every rank through ``all_reduce``. ``step_rewards`` (multi-turn, ``[batch, len]``): the part of each
+    score the environment gave, on the last token of the turn that earned it.
     """
     estimator = hp.advantage_estimator
     if estimator in ("gae", "reinforce_pp", "reinforce_pp_baseline"):
         # multi-turn trajectories: the recursions run over the model's tokens only, the environment's skipped
         order = ppo_math.packing_order(mask)
-        packed = _token_estimate(scores, ppo_math.pack(kl, order), ppo_math.pack(values, order) if values is not None
-                                 else None, ppo_math.pack(mask, order), hp, group_size, kl_coef, all_reduce)
+        pack = lambda x: ppo_math.pack(x, order) if x is not None else None  # noqa: E731
+        packed = _token_estimate(scores, pack(kl), pack(values), pack(mask), hp, group_size, kl_coef, all_reduce,
+                                 pack(step_rewards))
         return tuple(ppo_math.unpack(x, order) for x in packed)  # type: ignore[return-value]
     if estimator in ("grpo", "rloo"):
-        rewards = token_rewards(scores, kl, mask, kl_coef)
+        rewards = token_rewards(scores, kl, mask, kl_coef, step_rewards)
+        if hp.multi_turn_credit == "turn":  # each turn's return (its rewards and the later ones) against the group's
+            order = ppo_math.packing_order(mask)
+            returns = ppo_math.unpack(ppo_math.discounted_returns(
+                ppo_math.pack(rewards, order), ppo_math.pack(mask, order), 1.0), order)
+            advantages = ppo_math.turn_group_advantages(returns, mask, group_size, estimator, hp.scale_rewards,
+                                                        all_reduce)
+            return advantages, advantages, rewards
         penalized = scores - kl_coef * kl.sum(1)
         if estimator == "rloo":
             per_response = ppo_math.rloo_advantages(penalized, group_size)
@@ -63,13 +77,13 @@ def estimate_advantages(
 
 def _token_estimate(
     scores: Tensor, kl: Tensor, values: Optional[Tensor], mask: Tensor, hp: PPOConfig, group_size: int,
-    kl_coef: float, all_reduce: ppo_math.AllReduceSum,
+    kl_coef: float, all_reduce: ppo_math.AllReduceSum, step_rewards: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The estimators with a recursion over tokens (GAE, REINFORCE++), on tokens whose mask is a prefix."""
     estimator = hp.advantage_estimator
     if estimator == "reinforce_pp_baseline":
         scores = ppo_math.group_baseline(scores, group_size)
-    rewards = token_rewards(scores, kl, mask, kl_coef)
+    rewards = token_rewards(scores, kl, mask, kl_coef, step_rewards)
     if estimator == "gae":
         if values is None:
             raise ConfigError("ppo.advantage_estimator=gae needs a critic (values)")

@@ -149,6 +149,11 @@ class PPOConfig:
     The group estimators need ``generation.num_generations`` > 1."""
     scale_rewards: ppo_math.RewardScaling = "group"
     """GRPO: divide by the group's std (``group``), the batch's (``batch``), or not at all (``none``: Dr.GRPO)."""
+    multi_turn_credit: Literal["trajectory", "turn"] = "trajectory"
+    """GRPO/RLOO over multi-turn trajectories: ``trajectory`` gives every turn the trajectory's advantage (its summed
+    score against its group's); ``turn`` gives each turn the advantage of its own return (the step rewards of this
+    turn and the later ones) against the group's trajectories at the same turn. GAE and REINFORCE++ always credit
+    each step reward from the turn that earned it."""
     loss_aggregation: ppo_math.LossAggregation = "token_mean"
     """How token losses are averaged: ``token_mean``, ``seq_mean_token_mean``, ``seq_mean_token_sum`` or
     ``seq_mean_token_sum_norm`` (Dr.GRPO: divided by responses x ``max_new_tokens``)."""

@@ -3,7 +3,8 @@
 An :class:`Environment` opens a conversation from a data row (``reset``) and answers each model turn
 (``step``) with new messages, a reward and whether the episode is over. The trajectory's score is the sum of
 its step rewards. A run makes one copy of the configured environment per trajectory (``copy.deepcopy``), so an
-environment may keep the state of its episode in ``self``. Recipe::
+environment may keep the state of its episode in ``self``; attributes named in ``shared`` (read-only data such as
+a question pool) are shared by the copies instead of copied. Recipe::
 
     model:
       environment:
@@ -17,6 +18,7 @@ Built in: :class:`ToolEnvironment` (Python functions as tools through the chat t
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import re
@@ -33,6 +35,7 @@ class Environment:
     """What the policy talks to in a multi-turn rollout. Subclasses implement ``reset`` and ``step``."""
 
     tools: list[Callable[..., Any]] = []  # Python functions offered to the model through the chat template
+    shared: tuple[str, ...] = ()  # attributes every episode shares instead of copying (read-only data)
 
     def __init__(self, max_turns: int = 4, max_total_tokens: int = 1024) -> None:
         """
@@ -56,6 +59,12 @@ class Environment:
         turns), this step's reward, and whether the episode is over."""
         raise NotImplementedError
 
+    def episode(self) -> "Environment":
+        """A copy for one trajectory, whose state may then live in ``self``; the ``shared`` attributes are not
+        copied (a deep copy of a large pool per trajectory would cost more than the rollout)."""
+        memo = {id(getattr(self, name)): getattr(self, name) for name in self.shared}
+        return copy.deepcopy(self, memo)
+
     def count(self, name: str, amount: float = 1.0) -> None:
         """Add to a per-episode counter (``tool_calls``, ``tool_errors``...), logged as ``env/<name>``."""
         self.counts[name] = self.counts.get(name, 0.0) + amount
@@ -75,6 +84,8 @@ class CategoryQuiz(Environment):
     multi-turn quickstart). The first question is the row's; the next ones are drawn from ``path`` by a
     generator seeded with the row's prompt. A right answer (its first word is one of the question's
     ``answer`` words, ``a|b|c``) earns ``1 / questions``: a trajectory scores the share it got right."""
+
+    shared = ("pool",)
 
     def __init__(self, path: str, questions: int = 3, max_turns: int = 3, max_total_tokens: int = 64) -> None:
         """

@@ -225,7 +225,8 @@ class RolloutProducer:
         kl = (ppo_math.kl_penalty(out.logprobs, ref_logprobs, ppo_cfg.kl_estimator) * mask
               if ref_logprobs is not None and not from_update else torch.zeros_like(mask))
         advantages, returns, rewards = estimate_advantages(
-            scores, kl, values, mask, ppo_cfg, sampling.num_generations, host.kl_controller.value, host.ranks.sum)
+            scores, kl, values, mask, ppo_cfg, sampling.num_generations, host.kl_controller.value, host.ranks.sum,
+            samples.step_rewards)
         loss_mask = mask * has_stop.unsqueeze(1).to(mask.dtype) if host.reward_config.mask_truncated else None
 
         model_tokens = [[t for t, m in zip(r, row_mask) if m] for r, row_mask in zip(responses.tolist(), mask.tolist())]

@@ -209,7 +209,7 @@ class PPOModule(ExactResume, L.LightningModule):
             self.producer.prepare(self.tokenizer)  # the chat template must render conversations by appending
         strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
         recipe_checks.check_algorithm(self.policy_config, self.sampling, self.ppo_config, self.reference_config,
-                                      self.device_mesh is not None, strategy)
+                                      self.device_mesh is not None, strategy, self.environment is not None)
         for term in self.reward_config.terms(allow_none=self.environment is not None):  # before any weight loads
             if term.function is not None:
                 FunctionReward(term.function, term.kwargs)

@@ -4,13 +4,13 @@
 Per turn, every unfinished trajectory of the batch samples together (Hugging Face ``generate`` or the vLLM
 engine); the model's ids are appended exactly as sampled (loss mask 1), the environment's answer as the chat
 template's delta (context only: no log-prob, KL, value or loss on it). The trajectory's score is the sum of its
-step rewards (plus ``model.reward``'s score of the final answer, if a reward is configured). The advantages of
-every estimator then run over the model's tokens only (:func:`lit_rlhf.advantages.estimate_advantages`).
+step rewards (plus ``model.reward``'s score of the final answer, if a reward is configured); each step reward is
+kept on the last token of the turn that earned it. The advantages of every estimator then run over the model's
+tokens only (:func:`lit_rlhf.advantages.estimate_advantages`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -36,7 +36,7 @@ class Trajectory:
     tokens: list[int] = field(default_factory=list)
     from_model: list[bool] = field(default_factory=list)
     engine_logprobs: list[float] = field(default_factory=list)
-    reward: float = 0.0
+    step_rewards: list[tuple[int, float]] = field(default_factory=list)  # (its turn's last token, reward) per step
     turns: int = 0
     done: bool = False
     truncated: bool = False
@@ -94,7 +94,7 @@ class MultiTurnProducer(RolloutProducer):
         return self.to_samples(trajectories, [row for row in rows for _ in range(groups)])
 
     def start(self, row: dict[str, Any]) -> Trajectory:
-        environment = copy.deepcopy(self.environment)
+        environment = self.environment.episode()
         messages = list(environment.reset(dict(row)))
         if self.system_tools is not None:
             messages = [{"role": "system", "content": self.system_tools}, *messages]
@@ -127,7 +127,7 @@ class MultiTurnProducer(RolloutProducer):
     def environment_turn(self, trajectory: Trajectory) -> None:
         """The environment's answer to the model's turn; the trajectory ends when it is done or out of budget."""
         new_messages, reward, done = trajectory.environment.step(list(trajectory.messages))
-        trajectory.reward += float(reward)
+        trajectory.step_rewards.append((len(trajectory.tokens) - 1, float(reward)))  # earned by the turn just played
         if done:
             trajectory.done = True
             return
@@ -152,12 +152,15 @@ class MultiTurnProducer(RolloutProducer):
         mask = torch.zeros(len(trajectories), width)
         attention = torch.zeros(len(trajectories), width)
         engine_logprobs = torch.zeros(len(trajectories), width)
+        step_rewards = torch.zeros(len(trajectories), width, dtype=torch.float64)  # as exact as the environment's
         for row, t in enumerate(trajectories):
             n = len(t.tokens)
             responses[row, :n] = torch.tensor(t.tokens, dtype=torch.long)
             mask[row, :n] = torch.tensor(t.from_model, dtype=torch.float)
             attention[row, :n] = 1.0
             engine_logprobs[row, :n] = torch.tensor(t.engine_logprobs)
+            for position, reward in t.step_rewards:
+                step_rewards[row, max(position, 0)] += reward
         counts = [t.environment.counts for t in trajectories]
         names = sorted({name for c in counts for name in c} | {"tool_calls", "tool_errors"})
         self.env_stats = {
@@ -173,13 +176,13 @@ class MultiTurnProducer(RolloutProducer):
             {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {},
             engine_logprobs.to(device) * mask.to(device) if self.used_engine else None,
             attention.to(device), torch.tensor([not t.truncated for t in trajectories], device=device),
-            [t.messages for t in trajectories], torch.tensor([t.reward for t in trajectories], device=device),
+            [t.messages for t in trajectories], step_rewards.to(device),
         )
         return samples
 
     def score(self, samples: Samples) -> tuple[Tensor, dict[str, Tensor]]:
         """Each trajectory's summed step rewards, plus ``model.reward``'s score of its final answer if set."""
-        environment = samples.environment_rewards
+        environment = samples.step_rewards.sum(1).float()
         if not self.host.rewards.sources:
             return environment, {}
         total, each = super().score(samples)

@@ -100,6 +100,63 @@ def unpack(x: Tensor, order: Tensor) -> Tensor:
     return torch.empty_like(x).scatter_(1, order, x)
 
 
+def turn_index(mask: Tensor) -> Tensor:
+    """The 1-based turn of each masked position ``[batch, len]`` (0 where ``mask`` is 0): a multi-turn
+    trajectory's model turns are the runs of its mask, separated by the environment's tokens."""
+    model = mask > 0
+    starts = model & ~torch.nn.functional.pad(model[:, :-1], (1, 0), value=False)
+    return torch.cumsum(starts.long(), dim=1) * model.long()
+
+
+def place_scores(scores: Tensor, mask: Tensor, step_rewards: Optional[Tensor] = None) -> Tensor:
+    """Each response's score as per-token rewards ``[batch, len]``: a multi-turn trajectory's step rewards where
+    they were earned (``step_rewards``, on the last token of each turn), the rest of its score (a reward model's
+    share, penalties, shaping) on its last real token; a single-turn score all on its last real token."""
+    placed = torch.zeros_like(mask, dtype=scores.dtype if scores.is_floating_point() else mask.dtype)
+    rest = scores
+    if step_rewards is not None:
+        placed = placed + step_rewards.to(placed.dtype) * mask
+        rest = scores - (step_rewards * mask).sum(1).to(scores.dtype)
+    placed[torch.arange(scores.shape[0], device=scores.device), last_valid_index(mask)] += rest.to(placed.dtype)
+    return placed
+
+
+def turn_group_advantages(
+    returns: Tensor, mask: Tensor, group_size: int, estimator: Literal["grpo", "rloo"] = "grpo",
+    scale: RewardScaling = "group", all_reduce: AllReduceSum = _no_reduce, eps: float = 1e-6,
+) -> Tensor:
+    """Turn-level credit for the group estimators: each turn's tokens get the advantage of the turn's return
+    (``returns`` at its first token: the rewards of this turn and the later ones), against the returns of the
+    group's trajectories at the same turn (GRPO: minus their mean, scaled as ``scale``; RLOO: minus the mean of
+    the others). A turn that only one trajectory of its group reached gets 0."""
+    turns = turn_index(mask)
+    count = int(turns.max()) if turns.numel() else 0
+    firsts = torch.zeros(mask.shape[0], count, dtype=torch.long, device=mask.device)
+    present = torch.zeros(mask.shape[0], count, dtype=returns.dtype, device=mask.device)
+    for k in range(count):
+        in_turn = turns == k + 1
+        firsts[:, k] = in_turn.to(torch.int8).argmax(1)
+        present[:, k] = in_turn.any(1).to(returns.dtype)
+    per_turn = returns.gather(1, firsts) * present  # [batch, turns]
+    groups, reached = per_turn.view(-1, group_size, count), present.view(-1, group_size, count)
+    n = reached.sum(1, keepdim=True)
+    total = groups.sum(1, keepdim=True)
+    if estimator == "rloo":
+        advantages = groups - (total - groups) / (n - 1).clamp(min=1)
+    else:
+        mean = total / n.clamp(min=1)
+        advantages = groups - mean
+        if scale == "group":
+            std = ((advantages**2 * reached).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+            advantages = advantages / (std + eps)
+        elif scale == "batch":
+            advantages = advantages / (masked_var(per_turn, present, all_reduce=all_reduce).sqrt() + eps)
+        elif scale != "none":
+            raise ConfigError(f"ppo.scale_rewards={scale!r}: use group, batch or none")
+    advantages = (advantages * reached * (n > 1)).view(-1, count)
+    return torch.cat([torch.zeros_like(advantages[:, :1]), advantages], 1).gather(1, turns) * mask
+
+
 def compute_rewards(
     scores: Tensor,
     logprobs: Tensor,

@@ -15,10 +15,19 @@ from lit_rlhf.rollout import SamplingConfig
 
 def check_algorithm(
     policy: PolicyConfig, sampling: SamplingConfig, hp: PPOConfig, reference: ReferenceConfig,
-    sharded: bool, strategy_name: str,
+    sharded: bool, strategy_name: str, multi_turn: bool = False,
 ) -> None:
-    """Settings that cannot work together, named with their fields (``sharded``: ModelParallelStrategy)."""
+    """Settings that cannot work together, named with their fields (``sharded``: ModelParallelStrategy,
+    ``multi_turn``: an environment)."""
     groups = sampling.num_generations
+    if hp.multi_turn_credit not in ("trajectory", "turn"):
+        raise ConfigError(f"ppo.multi_turn_credit={hp.multi_turn_credit!r}: use trajectory or turn")
+    if hp.multi_turn_credit == "turn" and not multi_turn:
+        raise ConfigError("ppo.multi_turn_credit=turn credits the turns of multi-turn trajectories: it needs "
+                          "model.environment; remove it for single responses")
+    if hp.multi_turn_credit == "turn" and hp.advantage_estimator not in ("grpo", "rloo"):
+        raise ConfigError(f"ppo.multi_turn_credit=turn is for grpo and rloo: {hp.advantage_estimator} already credits "
+                          "each step reward from the turn that earned it; remove it")
     if groups < 1:
         raise ConfigError(f"generation.num_generations must be >= 1, got {groups}")
     if hp.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline") and groups < 2:

@@ -208,7 +208,7 @@ class Samples:
     response_attention: Optional[Tensor] = None  # 1 on every real token of ``responses`` (None: ``mask``)
     ended: Optional[Tensor] = None  # whether each trajectory ended by itself, not cut by a budget (None: stop token)
     conversations: Optional[list[list[dict[str, str]]]] = None  # each trajectory's messages
-    environment_rewards: Optional[Tensor] = None  # each trajectory's summed step rewards
+    step_rewards: Optional[Tensor] = None  # each environment step's reward, on the last token of its turn
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -228,7 +228,7 @@ class Samples:
             self.response_attention[index] if self.response_attention is not None else None,
             self.ended[index] if self.ended is not None else None,
             [self.conversations[i] for i in rows] if self.conversations is not None else None,
-            self.environment_rewards[index] if self.environment_rewards is not None else None,
+            self.step_rewards[index] if self.step_rewards is not None else None,
         )
 
     @staticmethod
@@ -256,5 +256,6 @@ class Samples:
             if parts[0].response_attention is not None else None,
             torch.cat([p.ended for p in parts]) if parts[0].ended is not None else None,
             [c for p in parts for c in p.conversations] if parts[0].conversations is not None else None,
-            torch.cat([p.environment_rewards for p in parts]) if parts[0].environment_rewards is not None else None,
+            torch.cat([pad(p.step_rewards, length, 0.0, False) for p in parts]) if parts[0].step_rewards is not None
+            else None,
         )

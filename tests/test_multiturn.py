@@ -187,8 +187,13 @@ def test_trained_ids_are_the_sampled_ids_of_every_turn_and_environment_tokens_ar
         assert tokenizer.decode(response[environment]).split() == ["and", "then", "and", "then"]
         for name in ("kl", "advantages", "returns", "values"):  # nothing of training touches the environment's tokens
             assert getattr(rollout, name)[row][environment].abs().sum() == 0, name
-    # the scripted first turn ("good <bos>") earns 1; the score is the sum of the step rewards
+    # the scripted first turn ("good <bos>") earns 1; the score is the sum of the step rewards, each kept on the
+    # last token of the turn that earned it
     assert (rollout.scores >= 1).all()
+    placed = rollout.rewards + 0.05 * rollout.kl  # the token rewards without their KL part
+    first_turn_end = rollout.mask.cumsum(1) == 2  # the model's second token: the end of its first turn
+    assert (placed[first_turn_end & rollout.mask.bool()] >= 1).all()
+    torch.testing.assert_close(placed.sum(1), rollout.scores)
     roles = [m["role"] for m in rollout.conversations[0]]
     assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
 
@@ -213,12 +218,114 @@ def test_gae_over_a_trajectory_skips_the_environment_segments():
     torch.testing.assert_close(rewards[0, [0, 1, 4, 5]], torch.tensor(r))
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "gae"])
+def test_step_rewards_stay_on_the_turn_that_earned_them():
+    from lit_rlhf import ppo
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]])  # turns 1, 2, 3 between environment tokens
+    assert ppo.turn_index(mask).tolist() == [[1, 1, 0, 0, 2, 2, 0, 3]]
+    steps = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0.25]])  # on each turn's last token
+    scores = torch.tensor([2.25])  # 1.75 from the steps, 0.5 from a reward model's score of the final answer
+    torch.testing.assert_close(ppo.place_scores(scores, mask, steps),
+                               torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0.75]]))
+    # REINFORCE++ (gamma 1): a turn is credited with its own reward and the later ones, not the earlier ones
+    hp = PPOConfig(advantage_estimator="reinforce_pp", gamma=1.0)
+    _, returns, rewards = estimate_advantages(scores, torch.zeros_like(mask), None, mask, hp, 1, 0.0, step_rewards=steps)
+    torch.testing.assert_close(returns, torch.tensor([[2.25, 2.25, 0.0, 0.0, 1.75, 1.75, 0.0, 0.75]]))
+    # GAE: each step reward enters the recursion at its turn's last token
+    hp = PPOConfig(advantage_estimator="gae", gamma=1.0, lam=1.0, whiten_advantages=False)
+    advantages, _, _ = estimate_advantages(scores, torch.zeros_like(mask), torch.zeros_like(mask), mask, hp, 1, 0.0,
+                                           step_rewards=steps)
+    torch.testing.assert_close(advantages, returns)
+
+
+def test_turn_credit_compares_each_turn_with_the_group_at_the_same_turn():
+    from lit_rlhf import ppo
+
+    # a group of three: A and B play three turns, C two; step rewards per turn A (1, 0, 1), B (0, 1, 0), C (1, 1)
+    mask = torch.tensor([[1.0, 0, 1, 0, 1], [1, 0, 1, 0, 1], [1, 0, 1, 0, 0]])
+    steps = torch.tensor([[1.0, 0, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 1, 0, 0]])
+    scores = (steps * mask).sum(1)
+    # returns at the turns: A (2, 1, 1), B (1, 1, 0), C (2, 1)
+    hp = PPOConfig(advantage_estimator="grpo", multi_turn_credit="turn", scale_rewards="none")
+    advantages, _, _ = estimate_advantages(scores, torch.zeros_like(mask), None, mask, hp, 3, 0.0, step_rewards=steps)
+    third = 1 / 3
+    torch.testing.assert_close(advantages, torch.tensor([[third, 0, 0, 0, 0.5], [-2 * third, 0, 0, 0, -0.5],
+                                                         [third, 0, 0, 0, 0]]))
+    scaled, _, _ = estimate_advantages(scores, torch.zeros_like(mask), None, mask, PPOConfig(
+        advantage_estimator="grpo", multi_turn_credit="turn"), 3, 0.0, step_rewards=steps)
+    s1, s3 = (1 / 3) ** 0.5, 0.5**0.5  # the groups' std at turns 1 and 3 (turn 2: all equal, advantage 0)
+    torch.testing.assert_close(scaled, torch.tensor([[third / s1, 0, 0, 0, 0.5 / s3], [-2 * third / s1, 0, 0, 0, -0.5 / s3],
+                                                     [third / s1, 0, 0, 0, 0]]), atol=1e-5, rtol=1e-5)
+    batch, _, _ = estimate_advantages(scores, torch.zeros_like(mask), None, mask, PPOConfig(
+        advantage_estimator="grpo", multi_turn_credit="turn", scale_rewards="batch"), 3, 0.0, step_rewards=steps)
+    every_turn = torch.tensor([2.0, 1, 1, 1, 1, 0, 2, 1])  # the std of all the turns' returns of the batch
+    torch.testing.assert_close(batch, advantages / (every_turn.std() + 1e-6))
+    rloo, _, _ = estimate_advantages(scores, torch.zeros_like(mask), None, mask, PPOConfig(
+        advantage_estimator="rloo", multi_turn_credit="turn"), 3, 0.0, step_rewards=steps)
+    torch.testing.assert_close(rloo, torch.tensor([[0.5, 0, 0, 0, 1.0], [-1.0, 0, 0, 0, -1.0], [0.5, 0, 0, 0, 0]]))
+    # the default credits every turn with the trajectory's advantage (scores 2, 1, 2)
+    whole, _, _ = estimate_advantages(scores, torch.zeros_like(mask), None, mask, PPOConfig(
+        advantage_estimator="grpo", scale_rewards="none"), 3, 0.0, step_rewards=steps)
+    torch.testing.assert_close(whole, torch.tensor([[third] * 5, [-2 * third] * 5, [third] * 5]) * mask)
+    # a turn that only one trajectory of its group reached has nothing to compare with
+    returns, reached = torch.tensor([[1.0, 0, 3.0], [2.0, 0, 0]]), torch.tensor([[1.0, 0, 1], [1, 0, 0]])
+    for estimator in ("grpo", "rloo"):
+        alone = ppo.turn_group_advantages(returns, reached, 2, estimator)
+        assert alone[0, 2] == 0 and alone[0, 0] == -alone[1, 0] != 0
+
+
+def test_turn_credit_outside_its_place_is_refused_in_one_line():
+    from lit_rlhf import recipe_checks
+    from lit_rlhf.configs import ReferenceConfig
+
+    def check(estimator, multi_turn=True, credit="turn"):
+        recipe_checks.check_algorithm(PolicyConfig("builtin:tiny-llama"), SamplingConfig(num_generations=4),
+                                      PPOConfig(advantage_estimator=estimator, multi_turn_credit=credit),
+                                      ReferenceConfig(), False, "", multi_turn)
+
+    check("grpo")
+    check("rloo")
+    with pytest.raises(ConfigError, match="needs model.environment"):
+        check("grpo", multi_turn=False)
+    with pytest.raises(ConfigError, match="is for grpo and rloo: gae already credits"):
+        check("gae")
+    with pytest.raises(ConfigError, match="use trajectory or turn"):
+        check("grpo", credit="turns")
+
+
+def test_an_episode_shares_the_environments_read_only_data_and_copies_its_state():
+    quiz = CategoryQuiz(CATEGORIES)
+    episode = quiz.episode()
+    assert episode is not quiz and episode.pool is quiz.pool  # 540 questions, not copied per trajectory
+    episode.reset(quiz.pool[0])
+    episode.count("right")
+    assert quiz.asked == [] and quiz.counts == {}
+
+    class Scripted(ScriptedEnvironment):
+        shared = ("book",)
+
+        def reset(self, row):
+            seen.append((self.book, self.counts))
+            return super().reset(row)
+
+    seen = []
+    environment = Scripted(max_turns=3, max_total_tokens=64)
+    environment.book = [{"page": 1}]
+    module = quiz_module(environment=environment)
+    module._prepare()
+    module.configure_model()
+    module.producer(quiz_batch())
+    assert len(seen) == 16 and all(book is environment.book for book, _ in seen)
+    assert len({id(counts) for _, counts in seen}) == 16  # each trajectory's own state
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "gae", "grpo-turn"])
 def test_each_estimator_trains_over_trajectories(estimator, tmp_path):
     from test_module import Recorder, fit
 
     L.seed_everything(0)
-    module = quiz_module(estimator=estimator)
+    estimator, _, credit = estimator.partition("-")
+    module = quiz_module(estimator=estimator, multi_turn_credit=credit or "trajectory")
     recorder = Recorder()
     data = PromptDataModule(CATEGORIES, tokenizer="builtin:tiny-llama", batch_size=4, max_prompt_length=16)
     fit(module, data, tmp_path, limit_train_batches=2, callbacks=[recorder])
@@ -227,7 +334,14 @@ def test_each_estimator_trains_over_trajectories(estimator, tmp_path):
     rollout = module.latest_rollout
     environment = rollout.attention_mask[:, rollout.context_length:].bool() & ~rollout.mask.bool()
     assert environment.any() and rollout.advantages[environment].abs().sum() == 0
-    if estimator in ("grpo", "rloo"):  # one advantage per trajectory, on every model token, centred per group
+    if credit == "turn":  # one advantage per turn, centred per group and turn, not the same for every turn
+        from lit_rlhf.ppo import turn_index
+
+        turns = turn_index(rollout.mask)
+        per_turn = torch.stack([(rollout.advantages * (turns == k)).sum(1) / (turns == k).sum(1) for k in (1, 2, 3)], 1)
+        assert per_turn.view(-1, 4, 3).sum(1).abs().max() < 1e-5
+        assert (per_turn.max(1).values - per_turn.min(1).values).max() > 0.1
+    elif estimator in ("grpo", "rloo"):  # one advantage per trajectory, on every model token, centred per group
         per_trajectory = (rollout.advantages * rollout.mask).sum(1) / rollout.mask.sum(1)
         assert per_trajectory.view(-1, 4).sum(1).abs().max() < 1e-5
 
