@@ -59,6 +59,11 @@ class Environment:
         turns), this step's reward, and whether the episode is over."""
         raise NotImplementedError
 
+    def tool_system_prompt(self) -> Optional[str]:
+        """The tools described in a system message, for a chat template that does not render ``tools=`` (None: no
+        such message)."""
+        return None
+
     def episode(self) -> "Environment":
         """A copy for one trajectory, whose state may then live in ``self``; the ``shared`` attributes are not
         copied (a deep copy of a large pool per trajectory would cost more than the rollout)."""
@@ -216,9 +221,12 @@ class ToolEnvironment(Environment):
         finally:
             pool.shutdown(wait=False)
 
-    def tool_system_prompt(self) -> str:
-        """The tools described in a system message, for a chat template that does not render ``tools=``."""
+    def tool_system_prompt(self) -> Optional[str]:
+        """The tools' JSON schemas and the call format (None with ``describe_tools: false``)."""
         from transformers.utils import get_json_schema
+
+        if not self.describe_tools:
+            return None
 
         schemas = "\n".join(json.dumps(get_json_schema(tool)) for tool in self.tools)
         return (

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lit_rlhf.chat import ChatRenderer
 from lit_rlhf.data import left_pad
-from lit_rlhf.environments import Environment, Message, ToolEnvironment
+from lit_rlhf.environments import Environment, Message
 from lit_rlhf.experience import RolloutProducer
 from lit_rlhf.rollout import Samples, SamplingConfig, response_mask
 
@@ -67,10 +67,8 @@ class MultiTurnProducer(RolloutProducer):
         """Check the chat template before any weight loads: conversations must render by appending."""
         self.renderer = ChatRenderer(tokenizer, self.environment.tools or None)
         self.renderer.check()
-        environment = self.environment
-        if environment.tools and not self.renderer.template_renders_tools() and getattr(environment, "describe_tools", True):
-            assert isinstance(environment, ToolEnvironment)
-            self.system_tools = environment.tool_system_prompt()
+        if self.environment.tools and not self.renderer.template_renders_tools():
+            self.system_tools = self.environment.tool_system_prompt()
 
     def sample_stats(self) -> dict[str, float]:
         return {f"env/{name}": value for name, value in self.env_stats.items()}
