@@ -135,6 +135,7 @@ class ToolEnvironment(Environment):
     a crash."""
 
     CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+    shared = ("tools", "by_name", "reward")  # stateless: an episode's own state is its row and its counters
 
     def __init__(
         self, tools: list[str], reward: str, prompt_field: str = "prompt", system_prompt: Optional[str] = None,
@@ -165,13 +166,6 @@ class ToolEnvironment(Environment):
         self.prompt_field, self.system_prompt, self.tool_timeout = prompt_field, system_prompt, tool_timeout
         self.tool_call_reward, self.describe_tools = tool_call_reward, describe_tools
         self.row: dict[str, Any] = {}
-
-    def __deepcopy__(self, memo: dict) -> ToolEnvironment:
-        """A fresh episode shares the (stateless) tools and reward; only the row and the counters are its own."""
-        copy = object.__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy.row, copy.counts = {}, {}
-        return copy
 
     def reset(self, row: dict[str, Any]) -> list[Message]:
         self.row = row
@@ -223,10 +217,9 @@ class ToolEnvironment(Environment):
 
     def tool_system_prompt(self) -> Optional[str]:
         """The tools' JSON schemas and the call format (None with ``describe_tools: false``)."""
-        from transformers.utils import get_json_schema
-
         if not self.describe_tools:
             return None
+        from transformers.utils import get_json_schema
 
         schemas = "\n".join(json.dumps(get_json_schema(tool)) for tool in self.tools)
         return (

@@ -364,7 +364,8 @@ def test_budgets_cut_trajectories_and_count_them():
 def test_tool_environment_runs_tools_and_answers_errors_without_crashing():
     environment = ToolEnvironment(tools=["lit_rlhf.environments:calculator", "test_multiturn:slow_tool"],
                                   reward="lit_rlhf.rewards:last_number_match", tool_timeout=0.2)
-    episode = __import__("copy").deepcopy(environment)
+    episode = environment.episode()  # as the producer makes one per trajectory
+    assert episode.reward is environment.reward and episode.by_name is environment.by_name  # shared, not copied
     messages = episode.reset({"prompt": "What is 6 * 7?", "answer": "42"})
     assert messages == [{"role": "user", "content": "What is 6 * 7?"}]
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6 * 7"}}</tool_call>'
@@ -541,7 +542,7 @@ def test_the_readme_environment_example_runs_as_written(tmp_path, monkeypatch):
 def test_only_the_first_successful_tool_call_of_an_episode_is_rewarded():
     environment = ToolEnvironment(tools=["lit_rlhf.environments:calculator"], reward="lit_rlhf.rewards:last_number_match",
                                   tool_call_reward=0.2)
-    episode = __import__("copy").deepcopy(environment)
+    episode = environment.episode()
     messages = episode.reset({"prompt": "What is 6 * 7?", "answer": "42"})
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
     assert episode.step([*messages, {"role": "assistant", "content": call % "6 *"}])[1] == 0.0  # an error earns nothing
